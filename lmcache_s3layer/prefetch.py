@@ -1,0 +1,602 @@
+"""The layer pipeline: fetch layers ahead of the forward pass, verified, within a memory budget.
+
+LMCache's layerwise retrieval asks for layer i+1 only after layer i arrived (one fetch in
+flight), which puts one S3 first-byte latency into every layer. Here a retrieval plans the
+ranged GETs of all its layers at once (coalesced per segment run, split into parts), keeps up
+to *k* layers in flight, and hands layer i over as soon as every chunk of it is complete and
+its CRC32C matches the manifest. It can start at lookup time, before the forward pass exists.
+
+Scheduling, in one place (``_admit``):
+- priority is (retrieval start order, layer): earlier requests and earlier layers first, over
+  one shared pool of part workers;
+- a layer is *admitted* (its staging buffers allocated, its parts queued) only while the
+  staged bytes stay within ``budget_bytes``; a layer larger than the whole budget is admitted
+  alone. When the layer a consumer is blocked on cannot fit, staged layers of *later*
+  retrievals that nobody waits on yet are evicted (re-fetched later): retrievals advanced in
+  lockstep by vLLM could otherwise deadlock on each other's staged memory;
+- depth *k*: before consumption starts, as deep as the budget allows (the forward pass is not
+  running yet, so there is nothing to overlap with but time); afterwards, just enough layers to
+  cover one layer's fetch time at the measured consumption rate (``adaptive_depth``), so
+  memory is left for other retrievals.
+
+A layer is handed out whole and verified, or the call raises ``RetrievalFailed``: never partial.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+from .errors import CorruptObject, RetrievalFailed, S3LayerError, StorageError
+from .index import Location
+from .layout import Manifest, Namespace
+from .segments import SegmentStore
+
+log = logging.getLogger(__name__)
+
+
+class StagingAllocator(Protocol):
+    """Where fetched bytes land; the backend passes one that allocates LMCache MemoryObjs so
+    hand-off needs no copy."""
+
+    def allocate(self, tokens: int, nbytes: int) -> tuple[Any, memoryview] | None: ...
+
+    def release(self, handle: Any) -> None: ...
+
+
+class BytearrayAllocator:
+    def allocate(self, tokens: int, nbytes: int) -> tuple[Any, memoryview]:
+        buf = bytearray(nbytes)
+        return buf, memoryview(buf)
+
+    def release(self, handle: Any) -> None:
+        pass
+
+
+def adaptive_depth(layer_bytes: int, ttfb_s: float, bandwidth_bps: float, consume_interval_s: float | None,
+                   num_layers: int, max_depth: int = 0) -> int:
+    """Layers to keep in flight so the fetch of layer i+k ends before layer i+k is needed.
+
+    fetch(one layer) = ttfb + bytes/bw; while it runs the consumer eats one layer every
+    ``consume_interval_s``: k = ceil(fetch / interval) + 1 covers it. Unknown consumption
+    rate (lookup time, no forward pass yet) means "as deep as allowed".
+    """
+    cap = num_layers if max_depth <= 0 else min(max_depth, num_layers)
+    if consume_interval_s is None or consume_interval_s <= 0:
+        return cap
+    fetch_s = ttfb_s + (layer_bytes / bandwidth_bps if bandwidth_bps > 0 else 0.0)
+    return max(1, min(cap, math.ceil(fetch_s / consume_interval_s) + 1))
+
+
+@dataclass
+class _Run:
+    """Consecutive chunks of one segment: one coalesced byte range per layer."""
+
+    manifest: Manifest
+    first: int  # chunk index inside the segment
+    last: int
+    slots: list[int]  # positions in the retrieval's chunk list
+
+
+@dataclass
+class _LayerJob:
+    retrieval: "Retrieval"
+    layer: int
+    nbytes: int
+    state: str = "waiting"  # waiting -> queued -> staged | failed ; taken ; evicted
+    handles: list[Any] = field(default_factory=list)
+    views: list[memoryview] = field(default_factory=list)
+    parts_left: int = 0
+    attempts: int = 0
+    error: Exception | None = None
+    generation: int = 0  # bumps on eviction so late parts of an old attempt are ignored
+    t_admit: float = 0.0
+    t_done: float = 0.0
+
+
+@dataclass
+class TraceEvent:
+    retrieval: int
+    layer: int
+    kind: str  # admit | staged | taken | failed | evicted
+    t: float
+
+
+class Retrieval:
+    _ids = itertools.count(1)
+
+    def __init__(self, ns: Namespace, locations: Sequence[Location], num_layers: int, first_layer: int,
+                 source: str, now: float, deadline_s: float):
+        self.id = next(Retrieval._ids)
+        self.ns = ns
+        self.locations = list(locations)
+        self.hashes = [loc.manifest.chunk_hashes[loc.index] for loc in self.locations]
+        self.num_layers = num_layers
+        self.source = source
+        self.created = now
+        self.last_take = now
+        self.deadline = now + deadline_s
+        self.deadline_s = deadline_s
+        self.consume_intervals: list[float] = []
+        self.runs = _plan_runs(self.locations)
+        tokens = [loc.tokens for loc in self.locations]
+        self.chunk_tokens = tokens
+        self.chunk_bytes = [t * loc.manifest.bytes_per_token for t, loc in zip(tokens, self.locations)]
+        self.layer_bytes = sum(self.chunk_bytes)
+        self.jobs = {l: _LayerJob(self, l, self.layer_bytes) for l in range(first_layer, num_layers)}
+        self.cancelled = False
+        self.waiting_layer: int | None = None
+        self.taken_upto = first_layer - 1  # highest layer handed out
+        self.done_event = threading.Event()
+
+    @property
+    def consume_interval(self) -> float | None:
+        if not self.consume_intervals:
+            return None
+        recent = self.consume_intervals[-4:]
+        return sum(recent) / len(recent)
+
+
+def _plan_runs(locations: Sequence[Location]) -> list[_Run]:
+    runs: list[_Run] = []
+    for slot, loc in enumerate(locations):
+        r = runs[-1] if runs else None
+        if r is not None and r.manifest.segment_id == loc.manifest.segment_id and loc.index == r.last + 1:
+            r.last = loc.index
+            r.slots.append(slot)
+        else:
+            runs.append(_Run(loc.manifest, loc.index, loc.index, [slot]))
+    return runs
+
+
+@dataclass
+class PrefetchStats:
+    retrievals: int = 0
+    layers_staged: int = 0
+    layers_taken: int = 0
+    layers_evicted: int = 0
+    layers_failed: int = 0
+    gets: int = 0
+    bytes_fetched: int = 0
+    cancelled: int = 0
+    idle_expired: int = 0
+    peak_staging_bytes: int = 0
+
+
+class Prefetcher:
+    def __init__(self, store: SegmentStore, *, budget_bytes: int, workers: int = 16, max_depth: int = 0,
+                 deadline_s: float = 30.0, idle_timeout_s: float = 30.0, layer_attempts: int = 2,
+                 allocator: StagingAllocator | None = None, clock: Callable[[], float] = time.monotonic,
+                 trace: bool = False, on_layer_fetched: Callable[[int, int, float], None] | None = None):
+        self.store = store
+        self.budget = budget_bytes
+        self.max_depth = max_depth
+        self.deadline_s = deadline_s
+        self.idle_timeout_s = idle_timeout_s
+        self.layer_attempts = layer_attempts
+        self.allocator: StagingAllocator = allocator or BytearrayAllocator()
+        self.clock = clock
+        self.stats = PrefetchStats()
+        self.trace: list[TraceEvent] | None = [] if trace else None
+        self._on_layer_fetched = on_layer_fetched
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
+        self._retrievals: dict[int, Retrieval] = {}
+        self._holders: dict[tuple[Namespace, int], list[tuple[Retrieval, int]]] = {}
+        self._staged_bytes = 0
+        self._queue: list[tuple[tuple, int, Any]] = []
+        self._seq = itertools.count()
+        # EWMAs for the depth rule; seeded pessimistically so the first estimate is deep.
+        self._ttfb = 0.05
+        self._bw = 200e6
+        self._closed = False
+        self._workers = [threading.Thread(target=self._worker, name=f"s3layer-get-{i}", daemon=True)
+                         for i in range(workers)]
+        for w in self._workers:
+            w.start()
+        self._janitor = threading.Thread(target=self._janitor_loop, name="s3layer-prefetch-janitor", daemon=True)
+        self._janitor.start()
+
+    # ---- public API ------------------------------------------------------------------------
+
+    @property
+    def staging_bytes(self) -> int:
+        with self._lock:
+            return self._staged_bytes
+
+    def active(self) -> int:
+        with self._lock:
+            return len(self._retrievals)
+
+    def prefetch(self, ns: Namespace, locations: Sequence[Location], num_layers: int, *,
+                 first_layer: int = 0, source: str = "lookup") -> Retrieval | None:
+        """Start fetching every layer of these chunks (lookup time). Chunks already held by a
+        live retrieval are skipped, so repeated look-ups of one prompt fetch once."""
+        with self._lock:
+            if self._closed:
+                return None
+            fresh = [loc for loc in locations if not self._held_locked(ns, loc, first_layer)]
+            if not fresh:
+                return None
+            r = self._start_locked(ns, fresh, num_layers, first_layer, source)
+            self._admit_locked()
+            return r
+
+    def get_layer(self, ns: Namespace, layer: int, locations: Sequence[Location], num_layers: int,
+                  timeout: float | None = None) -> list[Any]:
+        """Layer ``layer`` of these chunks, in order, verified: one allocator handle per chunk,
+        owned by the caller from now on. Blocks until staged, or raises RetrievalFailed."""
+        now = self.clock()
+        with self._lock:
+            if self._closed:
+                raise RetrievalFailed("prefetcher is closed")
+            picks: list[tuple[Retrieval, int] | None] = [self._holder_locked(ns, loc, layer) for loc in locations]
+            missing = [i for i, p in enumerate(picks) if p is None]
+            if missing:
+                r = self._start_locked(ns, [locations[i] for i in missing], num_layers, layer, "retrieve")
+                for k, i in enumerate(missing):
+                    picks[i] = (r, k)
+            involved = {id(p[0]): p[0] for p in picks}.values()
+            for r in involved:
+                r.waiting_layer = layer
+                if r.taken_upto >= 0 and layer > r.taken_upto:
+                    r.consume_intervals.append(now - r.last_take)
+                r.last_take = now
+            self._admit_locked()
+            deadline = min(r.deadline for r in involved)
+            if timeout is not None:
+                deadline = min(deadline, now + timeout)
+            while True:
+                jobs = [r.jobs[layer] for r in involved]
+                failed = next((j for j in jobs if j.state == "failed"), None)
+                if failed is not None:
+                    err = failed.error
+                    for r in involved:
+                        self._cancel_locked(r)
+                    raise RetrievalFailed(f"layer {layer}: {err}") from err
+                if all(j.state == "staged" for j in jobs):
+                    break
+                left = deadline - self.clock()
+                if left <= 0 or self._closed:
+                    for r in involved:
+                        self._cancel_locked(r)
+                    raise RetrievalFailed(f"layer {layer} not fetched and verified within the "
+                                          f"retrieval deadline ({self.deadline_s:.1f} s)")
+                self._cv.wait(min(left, 0.5))
+            out = []
+            for p in picks:
+                r, slot = p
+                out.append(r.jobs[layer].handles[slot])
+                r.jobs[layer].handles[slot] = None
+            for r in involved:
+                self._retire_layer_locked(r, layer)
+                r.waiting_layer = None
+                r.taken_upto = max(r.taken_upto, layer)
+            self._admit_locked()
+            return out
+
+    def cancel_chunks(self, ns: Namespace, hashes: Sequence[int]) -> int:
+        """Unpin/abort: drop every retrieval holding any of these chunks that no one waits on."""
+        n = 0
+        with self._lock:
+            for h in hashes:
+                for r, _ in list(self._holders.get((ns, h), [])):
+                    if r.waiting_layer is None and not r.cancelled:
+                        self._cancel_locked(r)
+                        n += 1
+        return n
+
+    def cancel(self, r: Retrieval) -> None:
+        with self._lock:
+            self._cancel_locked(r)
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        end = self.clock() + timeout
+        with self._lock:
+            while self._retrievals or self._staged_bytes:
+                left = end - self.clock()
+                if left <= 0:
+                    return False
+                self._cv.wait(min(left, 0.1))
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for r in list(self._retrievals.values()):
+                self._cancel_locked(r)
+            self._cv.notify_all()
+        for w in self._workers:
+            w.join(timeout=5)
+        self._janitor.join(timeout=5)
+
+    # ---- bookkeeping (all under self._lock) ------------------------------------------------
+
+    def _start_locked(self, ns, locations, num_layers, first_layer, source) -> Retrieval:
+        r = Retrieval(ns, locations, num_layers, first_layer, source, self.clock(), self.deadline_s)
+        self._retrievals[r.id] = r
+        for slot, h in enumerate(r.hashes):
+            self._holders.setdefault((ns, h), []).append((r, slot))
+        self.stats.retrievals += 1
+        return r
+
+    def _held_locked(self, ns, loc: Location, layer: int) -> bool:
+        return self._holder_locked(ns, loc, layer) is not None
+
+    def _holder_locked(self, ns, loc: Location, layer: int) -> tuple[Retrieval, int] | None:
+        h = loc.manifest.chunk_hashes[loc.index]
+        for r, slot in self._holders.get((ns, h), []):
+            job = r.jobs.get(layer)
+            # Same segment only: a chunk's layers must all come from one committed segment.
+            if (not r.cancelled and job is not None and job.state not in ("taken", "failed")
+                    and r.locations[slot].manifest.segment_id == loc.manifest.segment_id
+                    and (job.state != "staged" or job.handles[slot] is not None)):
+                return r, slot
+        return None
+
+    def _admit_locked(self) -> None:
+        order = sorted(self._retrievals.values(), key=lambda r: r.id)
+        for r in order:
+            if r.cancelled:
+                continue
+            base = r.taken_upto + 1
+            k = adaptive_depth(r.layer_bytes, self._ttfb, self._bw, r.consume_interval, r.num_layers,
+                               self.max_depth)
+            for layer in range(base, min(r.num_layers, base + k)):
+                job = r.jobs.get(layer)
+                if job is None or job.state != "waiting":
+                    continue
+                urgent = r.waiting_layer is not None and layer == r.waiting_layer
+                if not self._fits_locked(job.nbytes, urgent, r):
+                    return  # strict priority: nothing later jumps ahead of a blocked layer
+                if not self._allocate_locked(job):
+                    return
+                self._enqueue_locked(job)
+
+    def _fits_locked(self, nbytes: int, urgent: bool, r: Retrieval) -> bool:
+        if self._staged_bytes + nbytes <= self.budget:
+            return True
+        if self._staged_bytes == 0:
+            return True  # a single layer bigger than the whole budget runs alone
+        if urgent:
+            self._evict_for_locked(nbytes, r)
+            return self._staged_bytes + nbytes <= self.budget or self._staged_bytes == 0
+        return False
+
+    def _evict_for_locked(self, nbytes: int, keep: Retrieval) -> None:
+        """Free staged layers of later retrievals that nobody waits on, furthest-ahead first."""
+        victims = sorted(
+            (j for r in self._retrievals.values() if r.id > keep.id and not r.cancelled
+             for j in r.jobs.values() if j.state == "staged" and r.waiting_layer != j.layer),
+            key=lambda j: (-j.retrieval.id, -j.layer))
+        for job in victims:
+            if self._staged_bytes + nbytes <= self.budget:
+                return
+            self._release_job_locked(job)
+            job.state = "waiting"
+            job.generation += 1
+            self.stats.layers_evicted += 1
+            self._trace(job, "evicted")
+
+    def _allocate_locked(self, job: _LayerJob) -> bool:
+        r = job.retrieval
+        handles, views = [], []
+        for tokens, nbytes in zip(r.chunk_tokens, r.chunk_bytes):
+            got = self.allocator.allocate(tokens, nbytes)
+            if got is None:  # the LMCache pool is full: try again when something is released
+                for h in handles:
+                    self.allocator.release(h)
+                return False
+            handles.append(got[0])
+            views.append(memoryview(got[1]).cast("B"))
+        job.handles, job.views = handles, views
+        self._staged_bytes += job.nbytes
+        self.stats.peak_staging_bytes = max(self.stats.peak_staging_bytes, self._staged_bytes)
+        return True
+
+    def _enqueue_locked(self, job: _LayerJob) -> None:
+        r = job.retrieval
+        job.state = "queued"
+        job.attempts += 1
+        job.t_admit = self.clock()
+        self._trace(job, "admit")
+        parts = []
+        for run in r.runs:
+            read = self.store.plan_layer_read(run.manifest, job.layer, run.first, run.last)
+            slot_views = [job.views[s] for s in run.slots]
+            for part in read.parts:
+                parts.append((part, _scatter(slot_views, part.dest, part.length)))
+        job.parts_left = len(parts)
+        for part, dests in parts:
+            prio = (r.id, job.layer)
+            heapq.heappush(self._queue, (prio, next(self._seq), (job, job.generation, part, dests)))
+        self._cv.notify_all()
+
+    def _release_job_locked(self, job: _LayerJob) -> None:
+        for h in job.handles:
+            if h is not None:
+                self.allocator.release(h)
+        if job.handles:
+            self._staged_bytes -= job.nbytes
+        job.handles, job.views = [], []
+
+    def _retire_layer_locked(self, r: Retrieval, layer: int) -> None:
+        job = r.jobs[layer]
+        # Handles handed out now belong to the caller; chunks of this retrieval the caller did
+        # not ask for are released.
+        for i, h in enumerate(job.handles):
+            if h is not None:
+                self.allocator.release(h)
+        if job.handles:
+            self._staged_bytes -= job.nbytes
+        job.handles, job.views = [], []
+        job.state = "taken"
+        self.stats.layers_taken += 1
+        self._trace(job, "taken")
+        if all(j.state == "taken" for j in r.jobs.values()):
+            self._finish_locked(r)
+        self._cv.notify_all()
+
+    def _cancel_locked(self, r: Retrieval) -> None:
+        if r.cancelled:
+            return
+        r.cancelled = True
+        self.stats.cancelled += 1
+        for job in r.jobs.values():
+            if job.state in ("staged", "waiting"):
+                self._release_job_locked(job)
+            elif job.state == "queued":
+                job.generation += 1  # in-flight parts finish into buffers released on arrival
+                job.state = "cancelled"
+        self._finish_locked(r)
+        self._cv.notify_all()
+
+    def _finish_locked(self, r: Retrieval) -> None:
+        self._retrievals.pop(r.id, None)
+        for slot, h in enumerate(r.hashes):
+            lst = self._holders.get((r.ns, h))
+            if lst:
+                lst[:] = [(x, s) for x, s in lst if x is not r]
+                if not lst:
+                    del self._holders[(r.ns, h)]
+        r.done_event.set()
+
+    def _trace(self, job: _LayerJob, kind: str) -> None:
+        if self.trace is not None:
+            self.trace.append(TraceEvent(job.retrieval.id, job.layer, kind, self.clock()))
+
+    # ---- workers ---------------------------------------------------------------------------
+
+    def _worker(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                if self._closed and not self._queue:
+                    return
+                _, _, (job, gen, part, dests) = heapq.heappop(self._queue)
+                if gen != job.generation:
+                    self._part_abandoned_locked(job)
+                    continue
+            err: Exception | None = None
+            t0 = time.perf_counter()
+            ttfb = 0.0
+            try:
+                ttfb = self.store.client.get_range_into(part.key, part.offset, dests)
+            except Exception as exc:  # noqa: BLE001 - recorded on the job, raised to the consumer
+                err = exc
+            elapsed = time.perf_counter() - t0
+            with self._lock:
+                self.stats.gets += 1
+                if err is None:
+                    self.stats.bytes_fetched += part.length
+                    self._observe(ttfb, part.length, elapsed)
+                if gen != job.generation:
+                    self._part_abandoned_locked(job)
+                    continue
+                if err is not None and job.error is None:
+                    job.error = err
+                job.parts_left -= 1
+                if job.parts_left > 0:
+                    continue
+                error = job.error
+            if error is None:
+                error = self._verify(job)
+            with self._lock:
+                if gen != job.generation:
+                    self._part_abandoned_locked(job)
+                    continue
+                self._layer_done_locked(job, error)
+
+    def _part_abandoned_locked(self, job: _LayerJob) -> None:
+        """A part of an evicted/cancelled attempt landed: free its buffers once all have."""
+        if job.state == "cancelled":
+            job.parts_left -= 1
+            if job.parts_left <= 0:
+                self._release_job_locked(job)
+                job.state = "taken"
+                self._cv.notify_all()
+
+    def _verify(self, job: _LayerJob) -> Exception | None:
+        r = job.retrieval
+        try:
+            for run in r.runs:
+                read = self.store.plan_layer_read(run.manifest, job.layer, run.first, run.last)
+                self.store.verify_slices(read, [job.views[s] for s in run.slots])
+        except (CorruptObject, S3LayerError) as exc:
+            return exc
+        return None
+
+    def _layer_done_locked(self, job: _LayerJob, error: Exception | None) -> None:
+        r = job.retrieval
+        job.t_done = self.clock()
+        if error is None:
+            job.state = "staged"
+            self.stats.layers_staged += 1
+            self._trace(job, "staged")
+            if self._on_layer_fetched:
+                self._on_layer_fetched(job.layer, job.nbytes, job.t_done - job.t_admit)
+        elif job.attempts < self.layer_attempts and _worth_retrying(error) and not r.cancelled:
+            # The S3 client already retried transport errors; this is one more whole-layer
+            # attempt, mostly for a torn read that failed its checksum.
+            log.info("refetching layer %d (%s)", job.layer, error)
+            job.error = None
+            job.generation += 1
+            self._enqueue_locked(job)
+            return
+        else:
+            job.state = "failed"
+            job.error = error
+            self.stats.layers_failed += 1
+            self._trace(job, "failed")
+            self._release_job_locked(job)
+        self._cv.notify_all()
+        self._admit_locked()
+
+    def _observe(self, ttfb: float, nbytes: int, elapsed: float) -> None:
+        a = 0.2
+        self._ttfb = (1 - a) * self._ttfb + a * ttfb
+        body = elapsed - ttfb
+        if body > 1e-4 and nbytes > 256 * 1024:
+            self._bw = (1 - a) * self._bw + a * (nbytes / body)
+
+    def _janitor_loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                now = self.clock()
+                for r in list(self._retrievals.values()):
+                    if r.waiting_layer is None and now - r.last_take > self.idle_timeout_s:
+                        log.info("prefetch of %d chunks idle for %.0f s: releasing its memory",
+                                 len(r.hashes), now - r.last_take)
+                        self.stats.idle_expired += 1
+                        self._cancel_locked(r)
+                self._cv.wait(0.25)
+
+
+def _worth_retrying(error: Exception) -> bool:
+    if isinstance(error, CorruptObject):
+        return True
+    return isinstance(error, StorageError) and error.retryable
+
+
+def _scatter(views: list[memoryview], offset: int, length: int) -> list[memoryview]:
+    """The slices of consecutive buffers ``views`` covering bytes [offset, offset+length)."""
+    out, pos = [], 0
+    for v in views:
+        lo, hi = pos, pos + len(v)
+        a, b = max(lo, offset), min(hi, offset + length)
+        if a < b:
+            out.append(v[a - lo:b - lo])
+        pos = hi
+        if pos >= offset + length:
+            break
+    return out

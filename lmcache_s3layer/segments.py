@@ -1,0 +1,255 @@
+"""Segments on the object store: write (layers, then manifest, then pointers), verified
+ranged reads of one layer's chunk range, pointer look-ups, and ordered deletion.
+
+Commit protocol (why each step is where it is):
+1. every layer object is PUT; nothing points at them yet, so a crash leaves only garbage
+   that ``gc`` collects;
+2. the manifest is PUT create-only: from here on the segment exists;
+3. one pointer per chunk, create-only, in chunk order. Two writers racing on the same prefix
+   conflict on the first shared chunk; the loser deletes what it wrote (pointers, manifest,
+   layers) so a chunk hash always resolves to exactly one segment and a reader never mixes.
+Deletion runs in the reverse order, so a concurrent reader sees a clean miss, never a
+segment whose manifest promises layers that are gone without noticing (a missing layer is a
+typed error that the read path turns into a miss or a loud failure, never partial data).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+from .checksum import crc32c
+from .errors import CorruptObject, FormatError, ObjectNotFound, PreconditionFailed, StorageError
+from .layout import (MAX_MANIFEST_BYTES, MAX_POINTER_BYTES, Manifest, Names, Namespace, Pointer,
+                     normalize_hash, parse_segment_dir)
+from .s3 import S3Client
+
+log = logging.getLogger(__name__)
+
+
+def new_segment_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Part:
+    """One ranged GET: ``length`` bytes at ``offset`` of ``key`` into ``dest`` of the buffer."""
+
+    key: str
+    offset: int
+    length: int
+    dest: int
+
+
+@dataclass(frozen=True)
+class LayerRead:
+    """What it takes to fetch and verify chunks first..last (inclusive) of one layer."""
+
+    manifest: Manifest
+    layer: int
+    first: int
+    last: int
+    parts: tuple[Part, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.length for p in self.parts)
+
+
+class SegmentStore:
+    def __init__(self, client: S3Client, prefix: str, *, part_size: int | None = None):
+        self.client = client
+        self.prefix = prefix
+        self.part_size = part_size or client.cfg.part_size_bytes
+        self._names: dict[Namespace, Names] = {}
+
+    def names(self, ns: Namespace) -> Names:
+        n = self._names.get(ns)
+        if n is None:
+            n = self._names[ns] = Names(self.prefix, ns)
+        return n
+
+    # ---- write ---------------------------------------------------------------------------
+
+    def put_layer(self, ns: Namespace, segment_id: str, layer: int, data) -> None:
+        self.client.put_bytes(self.names(ns).layer_object(segment_id, layer), data)
+
+    def commit(self, manifest: Manifest, *, create_only: bool = True) -> None:
+        """Manifest, then pointers. Raises PreconditionFailed (after cleaning up) when another
+        writer already owns one of the chunks."""
+        names = self.names(manifest.namespace)
+        sid = manifest.segment_id
+        self.client.put_bytes(names.manifest_object(sid), manifest.encode(), create_only=create_only)
+        written: list[str] = []
+        try:
+            for i, (h, t) in enumerate(zip(manifest.chunk_hashes, manifest.chunk_tokens)):
+                key = names.pointer_object(h)
+                self.client.put_bytes(key, Pointer(h, sid, i, t).encode(), create_only=create_only)
+                written.append(key)
+        except PreconditionFailed:
+            log.info("segment %s lost a commit race on chunk %d; removing it", sid, len(written))
+            self._delete_quietly(written + [names.manifest_object(sid)]
+                                 + [names.layer_object(sid, l) for l in range(manifest.num_layers)])
+            raise
+        except StorageError:
+            # Pointers that did land point at a committed manifest, so they are valid; the
+            # remaining chunks are simply not findable by other instances.
+            raise
+
+    def write_segment(self, ns: Namespace, chunk_hashes: Sequence[int], chunk_tokens: Sequence[int],
+                      token_shape: Sequence[int], layers: Sequence, *, segment_id: str | None = None,
+                      create_only: bool = True) -> Manifest:
+        """Write a whole segment from per-layer buffers (each the concatenated chunk slices)."""
+        sid = segment_id or new_segment_id()
+        hashes = tuple(normalize_hash(h) for h in chunk_hashes)
+        checksums = []
+        manifest = None
+        for layer, buf in enumerate(layers):
+            view = memoryview(buf).cast("B")
+            checksums.append(tuple(_chunk_checksums(view, token_shape, chunk_tokens, ns)))
+        manifest = Manifest(sid, ns, len(layers), tuple(token_shape), hashes, tuple(chunk_tokens),
+                            tuple(checksums), time.time())
+        for layer, buf in enumerate(layers):
+            if len(memoryview(buf).cast("B")) != manifest.layer_bytes:
+                raise FormatError(f"layer {layer}: {len(memoryview(buf).cast('B'))} bytes, "
+                                  f"expected {manifest.layer_bytes}")
+            self.put_layer(ns, sid, layer, buf)
+        self.commit(manifest, create_only=create_only)
+        return manifest
+
+    # ---- read ----------------------------------------------------------------------------
+
+    def read_manifest(self, ns: Namespace, segment_id: str) -> Manifest:
+        data = self.client.get_bytes(self.names(ns).manifest_object(segment_id), MAX_MANIFEST_BYTES)
+        return Manifest.decode(data, expect=ns, expect_segment=segment_id)
+
+    def read_pointer(self, ns: Namespace, chunk_hash: int) -> Pointer | None:
+        try:
+            data = self.client.get_bytes(self.names(ns).pointer_object(chunk_hash), MAX_POINTER_BYTES)
+        except ObjectNotFound:
+            return None
+        return Pointer.decode(data, expect_hash=chunk_hash)
+
+    def plan_layer_read(self, manifest: Manifest, layer: int, first: int, last: int) -> LayerRead:
+        """Coalesced: chunks first..last are contiguous in the layer object, so one range,
+        split into parts of ``part_size`` for parallel GETs."""
+        if not 0 <= layer < manifest.num_layers:
+            raise FormatError(f"layer {layer} outside segment {manifest.segment_id} "
+                              f"({manifest.num_layers} layers)")
+        start, end = manifest.chunk_byte_range(first, last)
+        key = self.names(manifest.namespace).layer_object(manifest.segment_id, layer)
+        parts = []
+        pos = start
+        while pos < end:
+            n = min(self.part_size, end - pos)
+            parts.append(Part(key, pos, n, pos - start))
+            pos += n
+        return LayerRead(manifest, layer, first, last, tuple(parts))
+
+    def fetch_part(self, part: Part, out: memoryview) -> None:
+        self.client.get_range_into(part.key, part.offset, out[part.dest:part.dest + part.length])
+
+    @staticmethod
+    def verify(read: LayerRead, buf) -> None:
+        """Raise CorruptObject unless every chunk slice in ``buf`` matches the manifest."""
+        view = memoryview(buf).cast("B")
+        m = read.manifest
+        base = m.chunk_offsets[read.first]
+        expected = m.checksums[read.layer]
+        for j in range(read.first, read.last + 1):
+            lo = m.chunk_offsets[j] - base
+            hi = lo + m.chunk_tokens[j] * m.bytes_per_token
+            if crc32c(view[lo:hi]) != expected[j]:
+                raise CorruptObject(
+                    f"segment {m.segment_id} layer {read.layer} chunk {j}: checksum mismatch",
+                    key=read.parts[0].key if read.parts else None, code="Checksum")
+
+    @staticmethod
+    def verify_slices(read: LayerRead, chunk_views: list) -> None:
+        """Like ``verify`` for a scatter read: one buffer per chunk of the read, in order."""
+        m = read.manifest
+        expected = m.checksums[read.layer]
+        if len(chunk_views) != read.last - read.first + 1:
+            raise CorruptObject("internal: buffer count does not match the chunk range")
+        for j, view in zip(range(read.first, read.last + 1), chunk_views):
+            if len(view) != m.chunk_tokens[j] * m.bytes_per_token or crc32c(view) != expected[j]:
+                raise CorruptObject(
+                    f"segment {m.segment_id} layer {read.layer} chunk {j}: checksum mismatch",
+                    key=read.parts[0].key if read.parts else None, code="Checksum")
+
+    def read_layer(self, manifest: Manifest, layer: int, first: int, last: int,
+                   out=None, pool: ThreadPoolExecutor | None = None) -> memoryview:
+        """Fetch and verify; returns the filled buffer (allocated when ``out`` is None)."""
+        read = self.plan_layer_read(manifest, layer, first, last)
+        buf = memoryview(out if out is not None else bytearray(read.nbytes)).cast("B")
+        if len(buf) < read.nbytes:
+            raise ValueError(f"buffer of {len(buf)} bytes is smaller than the {read.nbytes} to read")
+        buf = buf[:read.nbytes]
+        if pool is not None and len(read.parts) > 1:
+            for f in [pool.submit(self.fetch_part, p, buf) for p in read.parts]:
+                f.result()
+        else:
+            for p in read.parts:
+                self.fetch_part(p, buf)
+        self.verify(read, buf)
+        return buf
+
+    # ---- listing and deletion -------------------------------------------------------------
+
+    def iter_manifest_keys(self, root: str | None = None) -> Iterator[tuple[str, float, int]]:
+        """(manifest key, last-modified, size) of every committed segment under ``root``."""
+        for info in self.client.list(root if root is not None else self._root()):
+            if info.key.endswith("/manifest.json") and parse_segment_dir(info.key):
+                yield info.key, info.last_modified, info.size
+
+    def read_manifest_key(self, key: str) -> Manifest:
+        sid = parse_segment_dir(key)
+        if sid is None:
+            raise FormatError(f"{key!r} is not a segment manifest name")
+        return Manifest.decode(self.client.get_bytes(key, MAX_MANIFEST_BYTES), expect_segment=sid)
+
+    def delete_segment(self, manifest: Manifest) -> int:
+        """Pointers (only those still naming this segment), manifest, then layer objects."""
+        names = self.names(manifest.namespace)
+        sid = manifest.segment_id
+        deleted = 0
+        for h in manifest.chunk_hashes:
+            try:
+                p = self.read_pointer(manifest.namespace, h)
+            except (FormatError, StorageError):
+                p = None
+            if p is not None and p.segment_id == sid:
+                self.client.delete(names.pointer_object(h))
+                deleted += 1
+        self.client.delete(names.manifest_object(sid))
+        layer_keys = [names.layer_object(sid, l) for l in range(manifest.num_layers)]
+        self.client.delete_many(layer_keys)
+        return deleted + 1 + len(layer_keys)
+
+    def _delete_quietly(self, keys: Iterable[str]) -> None:
+        for k in keys:
+            try:
+                self.client.delete(k)
+            except StorageError as exc:
+                log.warning("could not remove %s while aborting a segment: %s", k, exc)
+
+    def _root(self) -> str:
+        p = self.prefix.strip("/")
+        return f"{p}/" if p else ""
+
+
+def _chunk_checksums(view: memoryview, token_shape: Sequence[int], chunk_tokens: Sequence[int],
+                     ns: Namespace) -> list[int]:
+    from .layout import DTYPE_SIZES
+    bpt = DTYPE_SIZES[ns.dtype]
+    for d in token_shape:
+        bpt *= d
+    out, pos = [], 0
+    for t in chunk_tokens:
+        out.append(crc32c(view[pos:pos + t * bpt]))
+        pos += t * bpt
+    return out

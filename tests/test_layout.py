@@ -1,0 +1,153 @@
+"""Format v1: names, manifest and pointer round trips, and strict parsing of hostile input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmcache_s3layer.errors import FormatError, NamespaceMismatch
+from lmcache_s3layer.layout import (MAX_POINTER_BYTES, Manifest, Names, Namespace, Pointer, hash_hex,
+                                    model_slug, normalize_hash, parse_segment_dir)
+
+NS = Namespace("meta-llama/Llama-3.1-8B", 1, 0, "bfloat16")
+SID = "0123456789abcdef0123456789abcdef"
+
+hashes64 = st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)
+
+
+def make_manifest(n_chunks=3, n_layers=4, tokens=None, ns=NS, sid=SID) -> Manifest:
+    tokens = tokens or [256] * (n_chunks - 1) + [100]
+    return Manifest(sid, ns, n_layers, (2, 1024), tuple(range(-5, -5 + n_chunks)), tuple(tokens),
+                    tuple(tuple((l * 31 + c) & 0xFFFFFFFF for c in range(n_chunks)) for l in range(n_layers)),
+                    1700000000.5)
+
+
+def test_names_are_layer_major_and_inside_prefix():
+    names = Names("team/kv", NS)
+    assert names.layer_object(SID, 3) == f"{names.root}/seg/01/{SID}/L0003"
+    assert names.manifest_object(SID).endswith(f"/seg/01/{SID}/manifest.json")
+    assert names.root.startswith("team/kv/v1/")
+    assert "meta-llama/" not in names.root  # the model's '/' does not create directories
+    assert parse_segment_dir(names.layer_object(SID, 0)) == SID
+    p = names.pointer_object(-0x41257AF1DD85C366)
+    assert p.startswith(f"{names.root}/ptr/") and p.endswith(hash_hex(-0x41257AF1DD85C366))
+
+
+@given(st.text(min_size=1, max_size=200))
+def test_model_slug_is_one_safe_component(model):
+    slug = model_slug(model)
+    assert "/" not in slug and "\\" not in slug
+    assert slug not in (".", "..") and not slug.startswith(".")
+    assert all(c.isalnum() or c in "._-" for c in slug)
+
+
+def test_model_slug_keeps_distinct_names_apart():
+    assert model_slug("a/b") != model_slug("a_b")
+    assert model_slug("../../etc") != model_slug("etc")
+
+
+@given(st.text(min_size=1, max_size=100), st.integers(1, 8), hashes64)
+def test_object_names_never_escape_prefix(model, world, h):
+    ns = Namespace(model, world, world - 1, "half")
+    names = Names("safe/prefix", ns)
+    for key in (names.layer_object(SID, 7), names.manifest_object(SID), names.pointer_object(h)):
+        assert key.startswith("safe/prefix/v1/")
+        assert ".." not in key.split("/")
+        assert "//" not in key
+
+
+@settings(max_examples=60)
+@given(n_chunks=st.integers(1, 40), n_layers=st.integers(1, 80), data=st.data())
+def test_manifest_round_trip(n_chunks, n_layers, data):
+    hashes = data.draw(st.lists(hashes64, min_size=n_chunks, max_size=n_chunks, unique=True))
+    tokens = data.draw(st.lists(st.integers(1, 512), min_size=n_chunks, max_size=n_chunks))
+    sums = data.draw(st.lists(st.lists(st.integers(0, 2**32 - 1), min_size=n_chunks, max_size=n_chunks),
+                              min_size=n_layers, max_size=n_layers))
+    ns = Namespace(data.draw(st.text(min_size=1, max_size=50)), 2, 1, "float16",
+                   tuple(sorted(data.draw(st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3)).items())))
+    m = Manifest(SID, ns, n_layers, (2, 64), tuple(hashes), tuple(tokens), tuple(tuple(r) for r in sums), 12.0)
+    back = Manifest.decode(m.encode(), expect=ns, expect_segment=SID)
+    assert back == m
+    # offsets are consistent: every chunk's byte range is inside the layer object
+    for j in range(n_chunks):
+        lo, hi = back.chunk_byte_range(j, j)
+        assert hi - lo == tokens[j] * back.bytes_per_token
+        assert 0 <= lo < hi <= back.layer_bytes
+
+
+@given(hashes64, st.integers(0, 4095), st.integers(1, 4096))
+def test_pointer_round_trip(h, idx, tokens):
+    p = Pointer(h, SID, idx, tokens)
+    assert Pointer.decode(p.encode(), expect_hash=h) == p
+
+
+def test_hash_normalisation_matches_storage():
+    for h in (0, 1, -1, (1 << 63) - 1, -(1 << 63), (1 << 64) - 1):
+        assert normalize_hash(h) == normalize_hash(int(hash_hex(h), 16))
+
+
+def test_manifest_from_other_namespace_is_rejected():
+    m = make_manifest()
+    with pytest.raises(NamespaceMismatch):
+        Manifest.decode(m.encode(), expect=Namespace("other-model", 1, 0, "bfloat16"))
+    with pytest.raises(NamespaceMismatch):
+        Manifest.decode(m.encode(), expect=Namespace(NS.model, 1, 0, "half"))
+    with pytest.raises(NamespaceMismatch):
+        Manifest.decode(m.encode(), expect_segment="f" * 32)
+
+
+def _mutate(doc, **changes):
+    d = json.loads(make_manifest().encode())
+    d.update(changes)
+    return json.dumps(d).encode()
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"{", b"[]", b"null", b"\xff\xfe", b"[" * 100000 + b"]" * 100000,
+    _mutate(None, version=2), _mutate(None, version=True), _mutate(None, format="other"),
+    _mutate(None, num_layers=0), _mutate(None, num_layers=10**9), _mutate(None, num_layers=4.0),
+    _mutate(None, chunk_tokens=[256, 256, -1]), _mutate(None, chunk_tokens=[256, 256]),
+    _mutate(None, chunk_offsets=[0, 1, 2]), _mutate(None, layer_bytes=1 << 50),
+    _mutate(None, token_shape=[2, 1 << 40]), _mutate(None, token_shape=[]),
+    _mutate(None, chunk_hashes=["zz"] * 3), _mutate(None, chunk_hashes=["0" * 16] * 3),
+    _mutate(None, segment_id="../../../etc/passwd"), _mutate(None, checksums=["00"] * 4),
+    _mutate(None, element_size=4), _mutate(None, unexpected=1), _mutate(None, created_at="x"),
+    _mutate(None, namespace={"model": "m"}), _mutate(None, checksum="md5"),
+    b'{"format": NaN}', b'{"a": 1, "a": 2}',
+])
+def test_malformed_manifests_are_typed_errors(data):
+    with pytest.raises(FormatError):
+        Manifest.decode(data)
+
+
+def test_oversized_documents_are_rejected_before_parsing():
+    with pytest.raises(FormatError, match="limit"):
+        Pointer.decode(b" " * (MAX_POINTER_BYTES + 1))
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=2000))
+def test_fuzz_parsers_never_raise_untyped(data):
+    for parse in (Manifest.decode, Pointer.decode):
+        try:
+            parse(data)
+        except FormatError:
+            pass
+
+
+@settings(max_examples=200)
+@given(st.data())
+def test_fuzz_mutated_valid_manifest(data):
+    raw = bytearray(make_manifest().encode())
+    for _ in range(data.draw(st.integers(1, 8))):
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] = data.draw(st.integers(0, 255))
+    try:
+        m = Manifest.decode(bytes(raw))
+    except FormatError:
+        return
+    # A mutation that still parses must still describe a self-consistent segment.
+    assert m.layer_bytes == sum(m.chunk_tokens) * m.bytes_per_token
