@@ -124,6 +124,8 @@ class S3LayerConfig:
                     f"unknown setting {raw_key!r}; known settings: "
                     + ", ".join(PREFIX + k for k in sorted(known))
                 )
+            if name in _SECRET_FIELDS:
+                value = _resolve_secret(value, raw_key)
             kwargs[name] = _coerce(known[name], value, raw_key)
         return cls(**kwargs)
 
@@ -131,6 +133,23 @@ class S3LayerConfig:
     def from_mapping(cls, values: Mapping[str, Any]) -> "S3LayerConfig":
         """Same as ``from_extra_config`` for un-prefixed keys (CLI, tests)."""
         return cls.from_extra_config({PREFIX + k: v for k, v in values.items()})
+
+
+_SECRET_FIELDS = {"access_key_id", "secret_access_key", "session_token"}
+
+
+def _resolve_secret(value: Any, name: str) -> Any:
+    """``env:NAME`` reads the credential from the environment. LMCache logs its whole
+    configuration (extra_config included) at start-up, so a literal secret in the YAML ends
+    up in the log; an ``env:`` reference or the AWS credential chain does not."""
+    if isinstance(value, str) and value.startswith("env:"):
+        var = value[4:]
+        import os
+        got = os.environ.get(var)
+        if not got:
+            raise ConfigError(f"{name}: environment variable {var!r} is not set")
+        return got
+    return value
 
 
 _SIZE_FIELDS = {"part_size_bytes", "staging_budget_bytes", "put_inflight_budget_bytes"}

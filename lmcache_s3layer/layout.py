@@ -40,7 +40,7 @@ MAX_MODEL_NAME = 512
 DTYPE_SIZES = {
     "half": 2, "float16": 2, "bfloat16": 2, "float": 4, "float32": 4, "double": 8,
     "float64": 8, "float8_e4m3fn": 1, "float8_e5m2": 1, "fp8_e4m3": 1, "fp8_e5m2": 1,
-    "uint8": 1, "int8": 1,
+    "uint8": 1, "int8": 1, "int16": 2, "int32": 4, "int64": 8, "bool": 1,
 }
 
 _SEGMENT_ID_RE = re.compile(r"^[0-9a-f]{32}$")

@@ -211,6 +211,16 @@ class Prefetcher:
         with self._lock:
             return self._staged_bytes
 
+    def current_depth(self) -> int:
+        """The depth rule's answer for the newest live retrieval (0 when idle)."""
+        with self._lock:
+            rs = list(self._retrievals.values())
+            if not rs:
+                return 0
+            r = rs[-1]
+            return adaptive_depth(r.layer_bytes, self._ttfb, self._bw, r.consume_interval, r.num_layers,
+                                  self.max_depth)
+
     def active(self) -> int:
         with self._lock:
             return len(self._retrievals)
@@ -288,7 +298,9 @@ class Prefetcher:
         with self._lock:
             for h in hashes:
                 for r, _ in list(self._holders.get((ns, h), [])):
-                    if r.waiting_layer is None and not r.cancelled:
+                    # Only retrievals nobody has started consuming: one whose layers are being
+                    # handed out belongs to a forward pass in progress.
+                    if r.waiting_layer is None and r.taken_upto < min(r.jobs, default=0) and not r.cancelled:
                         self._cancel_locked(r)
                         n += 1
         return n
@@ -335,17 +347,26 @@ class Prefetcher:
         for r, slot in self._holders.get((ns, h), []):
             job = r.jobs.get(layer)
             # Same segment only: a chunk's layers must all come from one committed segment.
-            if (not r.cancelled and job is not None and job.state not in ("taken", "failed")
+            # A failed layer is returned too, so the caller sees the failure instead of
+            # quietly starting another fetch of what was just found broken.
+            if (not r.cancelled and job is not None and job.state != "taken"
                     and r.locations[slot].manifest.segment_id == loc.manifest.segment_id
                     and (job.state != "staged" or job.handles[slot] is not None)):
                 return r, slot
         return None
 
     def _admit_locked(self) -> None:
-        order = sorted(self._retrievals.values(), key=lambda r: r.id)
+        order = sorted((r for r in self._retrievals.values() if not r.cancelled), key=lambda r: r.id)
+        # 1) Layers a consumer is blocked on, whatever their priority: with retrievals advanced
+        #    in lockstep, an earlier request may be waiting on a later one's progress.
         for r in order:
-            if r.cancelled:
-                continue
+            job = r.jobs.get(r.waiting_layer) if r.waiting_layer is not None else None
+            if job is not None and job.state == "waiting":
+                if not self._fits_locked(job.nbytes, urgent=True, r=r) or not self._allocate_locked(job):
+                    continue
+                self._enqueue_locked(job)
+        # 2) Read-ahead in strict priority: nothing later jumps ahead of a layer that does not fit.
+        for r in order:
             base = r.taken_upto + 1
             k = adaptive_depth(r.layer_bytes, self._ttfb, self._bw, r.consume_interval, r.num_layers,
                                self.max_depth)
@@ -353,10 +374,7 @@ class Prefetcher:
                 job = r.jobs.get(layer)
                 if job is None or job.state != "waiting":
                     continue
-                urgent = r.waiting_layer is not None and layer == r.waiting_layer
-                if not self._fits_locked(job.nbytes, urgent, r):
-                    return  # strict priority: nothing later jumps ahead of a blocked layer
-                if not self._allocate_locked(job):
+                if not self._fits_locked(job.nbytes, urgent=False, r=r) or not self._allocate_locked(job):
                     return
                 self._enqueue_locked(job)
 
@@ -371,12 +389,16 @@ class Prefetcher:
         return False
 
     def _evict_for_locked(self, nbytes: int, keep: Retrieval) -> None:
-        """Free staged layers of later retrievals that nobody waits on, furthest-ahead first."""
-        victims = sorted(
-            (j for r in self._retrievals.values() if r.id > keep.id and not r.cancelled
-             for j in r.jobs.values() if j.state == "staged" and r.waiting_layer != j.layer),
-            key=lambda j: (-j.retrieval.id, -j.layer))
-        for job in victims:
+        """Free staged layers nobody waits on: read-ahead beyond each retrieval's next layer
+        first (later retrievals, furthest layers first), then next layers of retrievals that are
+        not waiting. They are fetched again when their turn comes."""
+        def head(r: Retrieval) -> int:
+            return r.taken_upto + 1
+
+        candidates = [j for r in self._retrievals.values() if r is not keep and not r.cancelled
+                      for j in r.jobs.values() if j.state == "staged" and r.waiting_layer != j.layer]
+        candidates.sort(key=lambda j: (j.layer == head(j.retrieval), -j.retrieval.id, -j.layer))
+        for job in candidates:
             if self._staged_bytes + nbytes <= self.budget:
                 return
             self._release_job_locked(job)

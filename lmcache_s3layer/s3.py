@@ -79,6 +79,9 @@ class S3Client:
         self._client = _make_boto_client(cfg)
         # Hook for fault injection and metrics: called with (operation, key) before each try.
         self.before_request: Callable[[str, str], None] | None = None
+        # Metrics hooks: operation name per try, error kind per failed try.
+        self.on_request: Callable[[str], None] | None = None
+        self.on_error: Callable[[str], None] | None = None
 
     # ---- reads ---------------------------------------------------------------------------
 
@@ -216,6 +219,8 @@ class S3Client:
         attempts = self.cfg.max_attempts
         for attempt in range(1, attempts + 1):
             try:
+                if self.on_request is not None:
+                    self.on_request(op)
                 if self.before_request is not None:
                     self.before_request(op, key)
                 return fn()
@@ -223,6 +228,8 @@ class S3Client:
                 typed = err
             except Exception as exc:  # noqa: BLE001 - classified below, never leaked raw
                 typed = self._classify(op, key, exc)
+            if self.on_error is not None:
+                self.on_error(type(typed).__name__)
             if not typed.retryable or attempt == attempts:
                 if attempt > 1:
                     typed.args = (f"{typed.args[0]} (after {attempt} attempts)",)

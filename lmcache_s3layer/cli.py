@@ -1,0 +1,300 @@
+"""``lmcache-s3layer`` command line.
+
+Each subcommand is one ``add_arguments`` function and one ``run`` function registered in
+``COMMANDS``; adding a subcommand means adding one entry there. ``main`` returns the exit
+status: 0 on success, 2 for bad input (argparse's convention), so scripts can tell a typo from
+a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+from . import __version__, planner
+
+PROG = "lmcache-s3layer"
+
+
+class UsageError(Exception):
+    """Bad input spotted after parsing; reported like an argparse error (exit 2)."""
+
+
+# --------------------------------------------------------------------------------------------
+# argparse value checks: negative sizes are typos, and saying so beats a nonsense plan.
+
+
+def _number(kind: type, minimum: float, inclusive: bool) -> Callable[[str], float]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if value < minimum if inclusive else value <= minimum:
+            op = ">=" if inclusive else ">"
+            raise argparse.ArgumentTypeError(f"must be {op} {minimum:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+non_negative_int = _number(int, 0, inclusive=True)
+positive_int = _number(int, 1, inclusive=True)
+non_negative_float = _number(float, 0, inclusive=True)
+positive_float = _number(float, 0, inclusive=False)
+
+
+# --------------------------------------------------------------------------------------------
+# plan
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    work = p.add_argument_group("request")
+    work.add_argument("--context", type=non_negative_int, required=True, metavar="TOKENS",
+                      help="cached prefix length P, in tokens (the KV that is stored and loaded)")
+    work.add_argument("--new-tokens", type=positive_int, default=256, metavar="TOKENS",
+                      help="new tokens N prefilled on top of the prefix (default 256)")
+
+    model = p.add_argument_group(
+        "model (one of --model, --hf-config, or the explicit shape flags)")
+    model.add_argument("--model", help=f"built-in model: {', '.join(sorted(planner.MODELS))}")
+    model.add_argument("--hf-config", metavar="PATH", help="a Hugging Face config.json")
+    model.add_argument("--layers", type=positive_int)
+    model.add_argument("--kv-heads", type=positive_int)
+    model.add_argument("--head-dim", type=positive_int)
+    model.add_argument("--q-heads", type=positive_int, help="attention (query) heads")
+    model.add_argument("--params-per-layer", type=positive_float,
+                       help="parameters per layer (or give --hidden-size and --intermediate-size)")
+    model.add_argument("--hidden-size", type=positive_int)
+    model.add_argument("--intermediate-size", type=positive_int)
+    model.add_argument("--dtype", help="model dtype (default: the model's, else bfloat16)")
+    model.add_argument("--kv-dtype", help="KV cache dtype if it differs, e.g. fp8")
+
+    gpu = p.add_argument_group("GPU")
+    gpu.add_argument("--gpu", default="h100",
+                     help=f"preset: {', '.join(sorted(planner.GPUS))} (default h100)")
+    gpu.add_argument("--gpus", type=positive_int, default=1,
+                     help="tensor-parallel GPUs serving one request (default 1)")
+    gpu.add_argument("--gpu-tflops", type=positive_float, help="dense bf16 peak TFLOP/s per GPU")
+    gpu.add_argument("--hbm-tbps", type=positive_float, help="HBM bandwidth TB/s per GPU")
+    gpu.add_argument("--hbm-gb", type=positive_float, help="HBM capacity GB per GPU")
+    gpu.add_argument("--efficiency", type=positive_float, default=0.5,
+                     help="fraction of peak FLOP/s reached (default 0.5)")
+
+    link = p.add_argument_group("object store link")
+    link.add_argument("--bandwidth-gbps", type=positive_float, default=100.0,
+                      help="bandwidth to the object store, Gbit/s (default 100)")
+    link.add_argument("--latency-ms", type=non_negative_float, default=20.0,
+                      help="first-byte latency, ms (default 20: S3 Standard p90)")
+    link.add_argument("--stream-mbps", type=positive_float, default=planner.DEFAULT_STREAM_MBPS,
+                      help="MB/s one connection sustains after the first byte (default 93)")
+
+    layout = p.add_argument_group("layout")
+    layout.add_argument("--chunk-size", type=positive_int, default=256, help="tokens per chunk (default 256)")
+    layout.add_argument("--segment-max-chunks", type=positive_int, default=64,
+                        help="chunks per segment at most (default 64)")
+    layout.add_argument("--part-mib", type=positive_float, default=8.0,
+                        help="ranged GET size, MiB (default 8)")
+    layout.add_argument("--store-tokens", type=positive_int, metavar="TOKENS",
+                        help="tokens written per store (default: the whole prefix in one store)")
+
+    prices = p.add_argument_group("prices (USD; per GB = per 2^30 bytes, as AWS bills)")
+    prices.add_argument("--prices", default="s3-standard",
+                        choices=[*sorted(planner.PRICES), "custom"])
+    prices.add_argument("--put-per-1k", type=non_negative_float)
+    prices.add_argument("--get-per-1k", type=non_negative_float)
+    prices.add_argument("--storage-per-gb-month", type=non_negative_float)
+    prices.add_argument("--upload-per-gb", type=non_negative_float)
+    prices.add_argument("--retrieval-per-gb", type=non_negative_float)
+
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+_SHAPE_FLAGS = ("layers", "kv_heads", "head_dim", "q_heads", "params_per_layer",
+                "hidden_size", "intermediate_size")
+
+
+def _model_from_args(args: argparse.Namespace) -> planner.ModelShape:
+    explicit = [f for f in _SHAPE_FLAGS if getattr(args, f) is not None]
+    sources = [s for s, on in (("--model", args.model), ("--hf-config", args.hf_config),
+                               ("shape flags", explicit)) if on]
+    if len(sources) != 1:
+        raise UsageError(
+            "give exactly one model: --model NAME, --hf-config PATH, or --layers/--kv-heads/"
+            f"--head-dim/--q-heads/--params-per-layer (got {', '.join(sources) or 'none'})"
+        )
+    if args.model:
+        model = planner.get_model(args.model)
+    elif args.hf_config:
+        model = planner.model_from_hf_config(args.hf_config)
+    else:
+        missing = ["--" + f.replace("_", "-") for f in ("layers", "kv_heads", "head_dim", "q_heads")
+                   if getattr(args, f) is None]
+        if missing:
+            raise UsageError(f"an explicit shape also needs {', '.join(missing)}")
+        model = planner.model_from_dims(
+            num_layers=args.layers, num_kv_heads=args.kv_heads, head_dim=args.head_dim,
+            num_q_heads=args.q_heads, params_per_layer=args.params_per_layer,
+            hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+        )
+    changes = {}
+    if args.dtype:
+        changes["dtype"] = args.dtype
+    if args.kv_dtype:
+        changes["kv_dtype"] = args.kv_dtype
+    return replace(model, **changes) if changes else model
+
+
+def build_plan(args: argparse.Namespace) -> planner.Plan:
+    model = _model_from_args(args)
+    gpu = planner.get_gpu(args.gpu, tflops=args.gpu_tflops, hbm_tbps=args.hbm_tbps,
+                          hbm_gb=args.hbm_gb, efficiency=args.efficiency, count=args.gpus)
+    link = planner.LinkSpec(args.bandwidth_gbps, args.latency_ms, args.stream_mbps)
+    prices = planner.get_prices(
+        args.prices, put_per_1k=args.put_per_1k, get_per_1k=args.get_per_1k,
+        storage_per_gb_month=args.storage_per_gb_month, upload_per_gb=args.upload_per_gb,
+        retrieval_per_gb=args.retrieval_per_gb,
+    )
+    part = int(args.part_mib * planner.MIB)
+    if part < 1:
+        raise UsageError(f"--part-mib {args.part_mib} is under one byte")
+    layout = planner.LayoutSpec(args.chunk_size, args.segment_max_chunks, part, args.store_tokens)
+    return planner.plan(model, context_tokens=args.context, new_tokens=args.new_tokens,
+                        gpu=gpu, link=link, prices=prices, layout=layout)
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", planner.GIB), ("MiB", planner.MIB), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def _ms(ms: float) -> str:
+    return f"{ms / 1e3:,.2f} s" if ms >= 1000 else f"{ms:,.2f} ms"
+
+
+def _usd(x: float) -> str:
+    return f"${x:,.4f}" if x < 10 else f"${x:,.2f}"
+
+
+def format_plan(pl: planner.Plan) -> str:
+    m, g, link = pl.model, pl.gpu, pl.link
+    d = pl.to_dict()
+    ours = pl.ours
+    lines = [
+        f"{m.name}: {m.num_layers} layers, {m.num_kv_heads} KV heads x {m.head_dim}, "
+        f"{m.effective_kv_dtype} KV | {g.count}x {g.name} at {g.efficiency:.0%} of "
+        f"{g.flops / 1e12:g} TFLOP/s | {link.bandwidth_gbps:g} Gbps, {link.latency_ms:g} ms "
+        f"first byte | {pl.prices.name}",
+        f"prefix {pl.context_tokens:,} tokens cached + {pl.new_tokens:,} new",
+        "",
+        f"  KV per token per layer   {_bytes(pl.bytes_per_token_per_layer)}",
+        f"  KV per layer             {_bytes(pl.bytes_per_layer)}",
+        f"  KV, all layers           {_bytes(pl.kv_bytes)} ({pl.kv_bytes / 1e9:,.2f} GB)",
+        f"  compute per layer        {_ms(pl.t_layer_ms)}   (all layers {_ms(pl.compute_ms)})",
+        f"  fetch per layer          {_ms(pl.fetch_per_layer_ms)}   (whole load {_ms(pl.load_ms)})",
+    ]
+    if pl.hides:
+        hides = "yes"
+    else:
+        hides = (f"no: needs {d['bandwidth_needed_gbps']:,.0f} Gbps "
+                 f"({pl.bandwidth_needed_gbytes_per_s:,.1f} GB/s), "
+                 f"or >= {pl.new_tokens_to_hide:,} new tokens")
+    lines += [
+        f"  hides behind compute     {hides}",
+        f"  TTFT floor               {_ms(pl.ttft_floor_ms)}",
+        f"  recompute instead        {_ms(pl.recompute_ms)}   "
+        f"(loading is {pl.load_vs_recompute:,.1f}x faster)",
+        f"  in-flight GETs needed    {pl.concurrency_needed:,}   ({_bytes(ours.mean_get_bytes)} GETs at "
+        f"{ours.per_stream_mbytes_per_s:,.0f} MB/s each)",
+        f"  fits in HBM after load   {'yes' if pl.fits_in_hbm else 'NO'}   "
+        f"(weights + KV {pl.hbm_needed_bytes / 1e9:,.1f} GB, HBM {g.hbm_bytes * g.count / 1e9:,.0f} GB)",
+        "",
+    ]
+    header = ("layout", "objects", "PUTs", "GETs", "TTFT floor", "GET floor*", "$/store", "$/load", "$/month")
+    labels = {"segments": "segments (ours)", "chunk_layer": "per (chunk, layer)",
+              "token_major": "token-major (stock)"}
+    rows = [header]
+    for name, lp in pl.layouts.items():
+        rows.append((labels.get(name, name), f"{lp.objects:,}", f"{lp.put_requests:,}",
+                     f"{lp.get_requests:,}", _ms(lp.ttft_floor_ms), _ms(lp.get_rate_floor_ms),
+                     _usd(lp.usd_per_store), _usd(lp.usd_per_load), _usd(lp.usd_per_month)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        lines.append("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                                      for i, (c, w) in enumerate(zip(r, widths))))
+    lines += [
+        "",
+        f"  ours: {ours.detail.get('segments', 0):,} segments x {m.num_layers} layer objects + "
+        f"manifests + {ours.detail.get('pointers', 0):,} chunk pointers; GETs include a cold "
+        "index's pointer and manifest reads",
+        f"  * S3 Standard: time one partitioned prefix needs to serve the GETs at "
+        f"{planner.S3_GET_PER_S_PER_PREFIX:,}/s; keys spread over k prefixes divide it by k",
+    ]
+    return "\n".join(lines)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    pl = build_plan(args)
+    if args.json:
+        print(json.dumps(pl.to_dict(), indent=2))
+    else:
+        print(format_plan(pl))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Registry and entry point
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {
+    "plan": Command(
+        "estimate KV size, request counts, hiding, TTFT and S3 cost for a workload",
+        add_plan_arguments,
+        run_plan,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="S3-compatible object storage as a layer-major KV-cache tier for LMCache.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(p)
+        p.set_defaults(_run=cmd.run, _parser=p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help and on bad flags; return its status
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return args._run(args)
+    except (UsageError, planner.PlannerError) as exc:
+        print(f"{args._parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

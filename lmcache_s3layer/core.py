@@ -1,0 +1,259 @@
+"""The storage core behind the LMCache adapter: bytes, hashes and namespaces, no LMCache types.
+
+One instance per worker process. It owns the S3 client (and its connection pool), the chunk
+index, the segment writer and the prefetch pipeline, and adds the one piece that ties the
+read path together: a lookup that hits starts the prefetch (``LookupBatcher``), so layer 0..k
+are on the wire before the forward pass asks for them (CachedAttention's read buffer).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+from .config import S3LayerConfig
+from .errors import RetrievalFailed, StorageError
+from .index import ChunkIndex, Location
+from .layout import Namespace, normalize_hash
+from .metrics import Metrics
+from .prefetch import Prefetcher, StagingAllocator
+from .s3 import S3Client
+from .segments import SegmentStore
+from .writer import SegmentWriter
+
+log = logging.getLogger(__name__)
+
+
+class LookupBatcher:
+    """Collects the chunks one lookup hits and starts their prefetch as one retrieval.
+
+    LMCache's layerwise lookup asks about one chunk per call and never says when it is done, so
+    a batch ends at the first miss, at a retrieval, or after ``quiet_s`` without a new hit.
+    """
+
+    def __init__(self, start: Callable[[Namespace, list[Location], int], Any], quiet_s: float = 0.002):
+        self._start = start
+        self._quiet = quiet_s
+        self._lock = threading.Condition()
+        self._batch: list[Location] = []
+        self._ns: Namespace | None = None
+        self._layers = 0
+        self._last = 0.0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="s3layer-lookup-batcher", daemon=True)
+        self._thread.start()
+
+    def add(self, ns: Namespace, loc: Location, num_layers: int) -> None:
+        with self._lock:
+            if self._batch and (ns != self._ns or num_layers != self._layers):
+                self._flush_locked()
+            self._batch.append(loc)
+            self._ns, self._layers, self._last = ns, num_layers, time.monotonic()
+            self._lock.notify()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if self._batch:
+            batch, ns, layers = self._batch, self._ns, self._layers
+            self._batch = []
+            try:
+                self._start(ns, batch, layers)
+            except Exception as exc:  # noqa: BLE001 - a failed prefetch is only a slower retrieval
+                log.warning("could not start prefetch: %s", exc)
+
+    def _run(self) -> None:
+        with self._lock:
+            while not self._closed:
+                if not self._batch:
+                    self._lock.wait()
+                    continue
+                left = self._last + self._quiet - time.monotonic()
+                if left > 0:
+                    self._lock.wait(left)
+                    continue
+                self._flush_locked()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._batch = []
+            self._lock.notify()
+        self._thread.join(timeout=2)
+
+
+class S3LayerCore:
+    def __init__(self, cfg: S3LayerConfig, *, allocator: StagingAllocator | None = None,
+                 metrics: Metrics | None = None, trace: bool = False, client: S3Client | None = None):
+        self.cfg = cfg
+        self.metrics = metrics or Metrics.get()
+        self.client = client or S3Client(cfg)
+        self.store = SegmentStore(self.client, cfg.prefix)
+        self._lookup_pool = ThreadPoolExecutor(min(32, cfg.max_connections), thread_name_prefix="s3layer-lookup")
+        self.index = ChunkIndex(self.store, pool=self._lookup_pool, max_entries=cfg.index_max_entries,
+                                negative_ttl_s=cfg.negative_cache_ttl_s, lookup_timeout_s=cfg.lookup_timeout_s)
+        self.writer = SegmentWriter(cfg, self.store, self.index, on_event=self.metrics.event)
+        self.prefetcher = Prefetcher(
+            self.store, budget_bytes=cfg.staging_budget_bytes, workers=cfg.max_connections,
+            max_depth=cfg.prefetch_max_depth, deadline_s=cfg.retrieval_deadline_s,
+            idle_timeout_s=cfg.prefetch_idle_timeout_s, allocator=allocator, trace=trace,
+            on_layer_fetched=self.metrics.layer_fetched)
+        self.batcher = LookupBatcher(self._start_prefetch)
+        self._bad_segments: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self.metrics.bind_core(self)
+
+    # ---- lookup ----------------------------------------------------------------------------
+
+    def lookup(self, ns: Namespace, chunk_hashes: Sequence[int], *, pin: bool, num_layers: int,
+               prefetch: bool | None = None) -> int:
+        """Prefix hit count: memory index, then pointer look-ups; pins and prefetches hits."""
+        locs = self.index.resolve(ns, chunk_hashes)
+        hits = 0
+        for loc in locs:
+            if loc is None or self._is_bad(loc.manifest.segment_id) or loc.manifest.num_layers != num_layers:
+                break
+            hits += 1
+        do_prefetch = self.cfg.prefetch_on_lookup if prefetch is None else prefetch
+        for loc, h in zip(locs[:hits], chunk_hashes[:hits]):
+            if pin:
+                self.index.pin(ns, h)
+            if pin and do_prefetch:
+                self.batcher.add(ns, loc, num_layers)
+        if hits < len(chunk_hashes) and pin:
+            self.batcher.flush()  # the lookup ended at this miss
+        self.metrics.lookup(hits, len(chunk_hashes) - hits)
+        return hits
+
+    def contains(self, ns: Namespace, chunk_hash: int) -> bool:
+        """Forward-path check: memory only (microseconds). Chunks reach memory through a
+        lookup, our own commits, or an earlier retrieval."""
+        loc = self.index.get(ns, chunk_hash)
+        return loc is not None and not self._is_bad(loc.manifest.segment_id)
+
+    def unpin(self, ns: Namespace, chunk_hash: int) -> bool:
+        ok = self.index.unpin(ns, chunk_hash)
+        self.prefetcher.cancel_chunks(ns, [normalize_hash(chunk_hash)])
+        return ok
+
+    def pin(self, ns: Namespace, chunk_hash: int) -> bool:
+        return self.index.pin(ns, chunk_hash)
+
+    # ---- write -----------------------------------------------------------------------------
+
+    def put_layer(self, ns: Namespace, layer: int, num_layers: int, chunk_hashes: Sequence[int],
+                  chunk_tokens: Sequence[int], token_shape: Sequence[int], buffers: Sequence,
+                  release: Callable[[], None]) -> bool:
+        return self.writer.submit_layer(ns, layer, num_layers, chunk_hashes, chunk_tokens, token_shape,
+                                        buffers, release)
+
+    def is_pending(self, ns: Namespace, chunk_hash: int) -> bool:
+        return self.writer.is_pending(ns, chunk_hash)
+
+    # ---- read ------------------------------------------------------------------------------
+
+    def locations(self, ns: Namespace, chunk_hashes: Sequence[int]) -> list[Location]:
+        out = []
+        for h in chunk_hashes:
+            loc = self.index.get(ns, h)
+            if loc is None:
+                raise RetrievalFailed(f"chunk {normalize_hash(h) & ((1 << 64) - 1):016x} was not looked up "
+                                      "(not in the index): nothing to retrieve")
+            out.append(loc)
+        return out
+
+    def get_layer(self, ns: Namespace, layer: int, chunk_hashes: Sequence[int], num_layers: int) -> list[Any]:
+        """Verified handles of layer ``layer`` for these chunks, in order; raises RetrievalFailed."""
+        self.batcher.flush()
+        locs = self.locations(ns, chunk_hashes)
+        t0 = time.perf_counter()
+        try:
+            handles = self.prefetcher.get_layer(ns, layer, locs, num_layers)
+        except RetrievalFailed as exc:
+            self._mark_bad_from(exc, locs)
+            self.metrics.event("retrieval_failed", 1)
+            raise
+        self.metrics.layer_stall(layer, time.perf_counter() - t0)
+        return handles
+
+    def read_chunks_all_layers(self, ns: Namespace, chunk_hashes: Sequence[int]) -> list[list[memoryview] | None]:
+        """Non-layerwise path: every layer of each chunk (coalesced per segment run), verified.
+        Returns per chunk its L layer buffers, or None from the first chunk that failed."""
+        locs = [self.index.get(ns, h) for h in chunk_hashes]
+        out: list[list[memoryview] | None] = [None] * len(locs)
+        from .prefetch import _plan_runs
+        n_ok = next((i for i, l in enumerate(locs) if l is None), len(locs))
+        runs = _plan_runs(locs[:n_ok])
+        futures = []
+        for run in runs:
+            for layer in range(run.manifest.num_layers):
+                futures.append((run, layer, self._lookup_pool.submit(
+                    self.store.read_layer, run.manifest, layer, run.first, run.last)))
+        results: dict[int, dict[int, memoryview]] = {}
+        failed_at = n_ok
+        for run, layer, fut in futures:
+            try:
+                buf = fut.result(timeout=self.cfg.retrieval_deadline_s)
+            except Exception as exc:  # noqa: BLE001 - a failed chunk ends the usable prefix
+                log.warning("non-layerwise read failed: %s", exc)
+                failed_at = min(failed_at, run.slots[0])
+                self._mark_bad(run.manifest.segment_id)
+                continue
+            pos = 0
+            for slot in run.slots:
+                n = locs[slot].tokens * run.manifest.bytes_per_token
+                results.setdefault(slot, {})[layer] = buf[pos:pos + n]
+                pos += n
+        for slot in range(failed_at):
+            per_layer = results.get(slot, {})
+            if len(per_layer) != locs[slot].manifest.num_layers:
+                break
+            out[slot] = [per_layer[l] for l in range(len(per_layer))]
+        return out
+
+    # ---- failure memory --------------------------------------------------------------------
+
+    def _mark_bad_from(self, exc: Exception, locs: Sequence[Location]) -> None:
+        cause = exc.__cause__
+        key = getattr(cause, "key", None)
+        for loc in locs:
+            if key is None or loc.manifest.segment_id in key:
+                self._mark_bad(loc.manifest.segment_id)
+
+    def _mark_bad(self, segment_id: str) -> None:
+        # Missing or corrupt objects: future look-ups of these chunks miss (and recompute)
+        # until the TTL passes and the pointers are consulted again.
+        with self._lock:
+            self._bad_segments[segment_id] = time.monotonic() + 60.0
+        self.index.drop_segment(segment_id)
+
+    def _is_bad(self, segment_id: str) -> bool:
+        with self._lock:
+            exp = self._bad_segments.get(segment_id)
+            if exp is None:
+                return False
+            if exp < time.monotonic():
+                del self._bad_segments[segment_id]
+                return False
+            return True
+
+    def _start_prefetch(self, ns: Namespace, locs: list[Location], num_layers: int) -> None:
+        self.prefetcher.prefetch(ns, locs, num_layers, source="lookup")
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def flush(self, timeout: float | None = None) -> bool:
+        return self.writer.flush(timeout)
+
+    def close(self) -> None:
+        self.batcher.close()
+        self.writer.close()
+        self.prefetcher.close()
+        self._lookup_pool.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
+
