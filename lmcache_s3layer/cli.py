@@ -252,6 +252,265 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# inspect / gc / server: bucket operations (logic in ops.py; imported lazily so ``plan`` starts
+# without loading boto3)
+
+
+def add_connection_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "connection (like the AWS CLI; credentials from the environment, an AWS profile or the "
+        "instance role, never from a flag)")
+    g.add_argument("--bucket", help="bucket holding the cache (or s3layer.bucket from --lmcache-config)")
+    g.add_argument("--prefix", help="key prefix (default: kvcache, as the plugin's s3layer.prefix)")
+    g.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://127.0.0.1:8333 "
+                   "(default: $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL, else AWS)")
+    g.add_argument("--region", help="region (default: $AWS_REGION / $AWS_DEFAULT_REGION, else us-east-1)")
+    g.add_argument("--addressing-style", choices=("auto", "path", "virtual"))
+    g.add_argument("--profile", help="AWS shared-config profile")
+    g.add_argument("--access-key-id", help="access key id; the secret is read from "
+                   "$AWS_SECRET_ACCESS_KEY (and $AWS_SESSION_TOKEN), never from the command line")
+    tls = g.add_mutually_exclusive_group()
+    tls.add_argument("--no-verify-ssl", action="store_true", help="do not verify the endpoint's TLS certificate")
+    tls.add_argument("--ca-bundle", metavar="PATH", help="CA bundle to verify the endpoint's certificate with")
+    g.add_argument("--lmcache-config", metavar="YAML", help="read s3layer.* settings from the LMCache "
+                   "config the engine uses (its extra_config); flags given here override it")
+    p.add_argument("--jobs", type=positive_int, default=8, help="parallel requests (default 8)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _s3_config_from_args(args: argparse.Namespace):
+    import os
+
+    import yaml
+
+    from .config import PREFIX, S3LayerConfig
+
+    values: dict = {}
+    if args.lmcache_config:
+        try:
+            with open(args.lmcache_config) as f:
+                doc = yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise UsageError(f"--lmcache-config: {exc}") from None
+        extra = doc.get("extra_config", doc) if isinstance(doc, dict) else None
+        if not isinstance(extra, dict):
+            raise UsageError("--lmcache-config: expected a mapping with an extra_config section")
+        values = {k[len(PREFIX):]: v for k, v in extra.items()
+                  if isinstance(k, str) and k.startswith(PREFIX) and k != PREFIX + "fail_fast"}
+    env = os.environ
+    endpoint = args.endpoint_url or (None if "endpoint_url" in values else
+                                     env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"))
+    region = args.region or (None if "region" in values else env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"))
+    flags = {"bucket": args.bucket, "prefix": args.prefix, "endpoint_url": endpoint, "region": region,
+             "addressing_style": args.addressing_style, "profile": args.profile, "ca_bundle": args.ca_bundle}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    if args.no_verify_ssl:
+        values["verify_tls"] = False
+    if args.access_key_id:
+        secret = env.get("AWS_SECRET_ACCESS_KEY")
+        if not secret:
+            raise UsageError("--access-key-id needs the secret in $AWS_SECRET_ACCESS_KEY "
+                             "(a secret on the command line would land in shell history and ps)")
+        values.update(access_key_id=args.access_key_id, secret_access_key=secret,
+                      session_token=env.get("AWS_SESSION_TOKEN"))
+    # Enough connections for --jobs workers that each keep one request in flight.
+    values["max_connections"] = max(args.jobs, 4)
+    return S3LayerConfig.from_mapping(values)
+
+
+def _run_ops(args: argparse.Namespace, body: Callable) -> int:
+    """Open the bucket, run ``body(store)``; typed failures become messages and exit codes:
+    2 for bad settings (like a usage error), 3 when the store cannot be reached or read."""
+    from . import ops
+    from .errors import ConfigError, S3LayerError
+
+    try:
+        store = ops.connect(_s3_config_from_args(args))
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        store.client.check_bucket()
+        return body(store)
+    except S3LayerError as exc:
+        print(f"{args._parser.prog}: error: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        store.client.close()
+
+
+def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
+    add_connection_arguments(p)
+    p.add_argument("--segment", metavar="ID", help="only this segment (its id or a unique prefix of it)")
+    p.add_argument("--verify", action="store_true",
+                   help="read every layer and check each (layer, chunk) checksum against the manifest")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr while verifying (default: when stderr is a terminal)")
+
+
+def _segment_row(d: dict) -> tuple:
+    from .ops import fmt_age, fmt_bytes
+
+    if "model" not in d:
+        return (d["segment_id"], "(unreadable manifest)", "", "", "", "", "", fmt_bytes(d["bytes"]),
+                fmt_age(d["age_s"]))
+    model = d["model"] if len(d["model"]) <= 40 else d["model"][:37] + "..."
+    return (d["segment_id"], model, f"{d['world_size']}-{d['worker_id']}", d["dtype"], f"{d['chunks']:,}",
+            f"{d['tokens']:,}", str(d["layers"]), fmt_bytes(d["bytes"]), fmt_age(d["age_s"]))
+
+
+def _table(rows: list[tuple]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    import time
+
+    from . import ops
+
+    def body(store) -> int:
+        sc = ops.scan(store, jobs=args.jobs)
+        now = time.time()
+        segments = sc.segments
+        if args.segment:
+            try:
+                segments = [ops.find_segment(sc, args.segment)]
+            except LookupError as exc:
+                raise UsageError(str(exc)) from None
+        where = f"s3://{store.client.bucket}/{ops.list_root(store.prefix)}"
+        problems = [p for s in segments for p in s.problems(store.prefix)]
+        report = None
+        if args.verify:
+            progress = ops.Progress(sum(s.size for s in segments), len(segments), enabled=args.progress)
+            report = ops.verify(store, segments, jobs=args.jobs, progress=progress)
+            problems = report.problems
+        live = sc.live_hashes()
+        orphan_ptrs = [p for p in sc.pointers if p.hash_hex not in live.get(p.ns_root, set())]
+        descs = [s.describe(now) for s in segments]
+        if args.json:
+            print(json.dumps({
+                "location": where,
+                "segments": descs,
+                "totals": {"segments": len(descs), "bytes": sum(d["bytes"] for d in descs),
+                           "tokens": sum(d.get("tokens", 0) for d in descs)},
+                "orphans": {"segment_dirs": [d.dir for d in sc.orphan_dirs],
+                            "segment_dir_bytes": sum(d.size for d in sc.orphan_dirs),
+                            "pointers": [p.key for p in orphan_ptrs]},
+                "foreign_objects": len(sc.foreign),
+                "problems": [p.to_json() for p in problems],
+                "verify": report.to_json() if report else None,
+            }, indent=2))
+        else:
+            print(f"{where}: {len(descs)} segment(s), {ops.fmt_bytes(sum(d['bytes'] for d in descs))}, "
+                  f"{sum(d.get('tokens', 0) for d in descs):,} tokens")
+            if descs:
+                header = ("SEGMENT", "MODEL", "RANK", "DTYPE", "CHUNKS", "TOKENS", "LAYERS", "SIZE", "AGE")
+                for line in _table([header] + [_segment_row(d) for d in descs]):
+                    print("  " + line)
+            if sc.orphan_dirs or orphan_ptrs:
+                print(f"orphans: {len(sc.orphan_dirs)} segment dir(s) without a manifest "
+                      f"({ops.fmt_bytes(sum(d.size for d in sc.orphan_dirs))}), {len(orphan_ptrs)} "
+                      "pointer(s) no manifest names; `gc` collects them after the grace period")
+            if sc.foreign:
+                print(f"{len(sc.foreign)} object(s) under the prefix are not format v1 names (left alone)")
+            if report is not None:
+                rate = report.bytes / report.seconds if report.seconds > 0 else 0.0
+                print(f"verified {report.segments} segment(s), {report.layers} layer object(s), "
+                      f"{ops.fmt_bytes(report.bytes)} in {report.seconds:.2f} s ({ops.fmt_bytes(rate)}/s)")
+            for p in problems:
+                print(f"CORRUPT {p}")
+            if problems:
+                bad = len({p.segment_id for p in problems})
+                print(f"{len(problems)} problem(s) in {bad} segment(s)")
+            elif report is not None:
+                print("all checksums match")
+        return 1 if problems else 0
+
+    return _run_ops(args, body)
+
+
+def add_gc_arguments(p: argparse.ArgumentParser) -> None:
+    add_connection_arguments(p)
+    p.add_argument("--older-than", metavar="AGE",
+                   help="delete segments committed longer ago than AGE (7d, 36h, 90m, 1w2d)")
+    p.add_argument("--max-bytes", metavar="SIZE",
+                   help="then delete the oldest segments until the rest fit in SIZE (100GiB, 500GB)")
+    p.add_argument("--orphan-grace", metavar="AGE", default="1h",
+                   help="collect orphans (layer objects without a manifest, pointers no manifest "
+                   "names) and damaged segments only once this old (default 1h: a writer's store "
+                   "in progress looks like an orphan until its manifest lands)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be deleted; delete nothing")
+
+
+def _gc_line(a, dry_run: bool) -> str:
+    from .ops import fmt_age, fmt_bytes
+
+    verb = "would delete" if dry_run else ("deleted" if a.done else "kept" if not a.error else "FAILED")
+    if a.kind == "segment":
+        m = a.segment.manifest
+        what = f"segment {a.segment.segment_id}"
+        if m is not None:
+            what += (f" ({m.namespace.model} {m.namespace.world_size}-{m.namespace.worker_id} "
+                     f"{m.namespace.dtype}, {m.total_tokens:,} tokens, {m.num_layers} layers)")
+    elif a.kind == "orphan_layers":
+        what = f"{a.objects} orphan object(s) of segment {a.segment.segment_id}"
+    else:
+        what = f"orphan pointer {a.key}"
+    line = f"{verb} {what}, {fmt_bytes(a.bytes)}, age {fmt_age(a.age_s)}: {a.reason}"
+    return line + (f": {a.error}" if a.error else "")
+
+
+def run_gc(args: argparse.Namespace) -> int:
+    from . import ops
+    from .config import parse_size
+    from .errors import ConfigError
+
+    try:
+        older = ops.parse_duration(args.older_than) if args.older_than is not None else None
+        grace = ops.parse_duration(args.orphan_grace)
+        budget = parse_size(args.max_bytes, "--max-bytes") if args.max_bytes is not None else None
+    except (ValueError, ConfigError) as exc:
+        raise UsageError(str(exc)) from None
+    if budget is not None and budget < 0:
+        raise UsageError("--max-bytes must be >= 0")
+
+    def body(store) -> int:
+        def show(a) -> None:
+            if not args.json:
+                print(_gc_line(a, args.dry_run), flush=True)
+
+        rep = ops.gc(store, older_than_s=older, max_bytes=budget, orphan_grace_s=grace,
+                     dry_run=args.dry_run, jobs=args.jobs, on_action=show)
+        if args.json:
+            print(json.dumps(rep.to_json(), indent=2))
+        else:
+            s = rep.to_json()["summary"]
+            verb = "would delete" if args.dry_run else "deleted"
+            print(f"gc: {verb} {s['segments']} segment(s) ({ops.fmt_bytes(s['segment_bytes'])}), "
+                  f"{s['orphan_layer_objects']} orphan layer object(s), {s['orphan_pointers']} orphan "
+                  f"pointer(s); kept {s['kept_segments']} segment(s) ({ops.fmt_bytes(s['kept_bytes'])})"
+                  + (f"; {s['errors']} failed" if s["errors"] else ""))
+        return 1 if rep.errors else 0
+
+    return _run_ops(args, body)
+
+
+def add_server_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("server_args", nargs=argparse.REMAINDER, metavar="[start|stop|status] [OPTIONS]",
+                   help="passed to `python -m lmcache_s3layer.server` "
+                   "(see `lmcache-s3layer server start --help`)")
+
+
+def run_server(args: argparse.Namespace) -> int:
+    from . import server
+
+    try:
+        return server.main(args.server_args)
+    except SystemExit as exc:  # its argparse: --help, bad flags
+        return exc.code if isinstance(exc.code, int) else 2
+
+
+# --------------------------------------------------------------------------------------------
 # Registry and entry point
 
 
@@ -267,6 +526,21 @@ COMMANDS: dict[str, Command] = {
         "estimate KV size, request counts, hiding, TTFT and S3 cost for a workload",
         add_plan_arguments,
         run_plan,
+    ),
+    "inspect": Command(
+        "list the cache's segments (model, tokens, layers, size, age); --verify checks every checksum",
+        add_inspect_arguments,
+        run_inspect,
+    ),
+    "gc": Command(
+        "delete segments past an age or beyond a size budget (oldest first), and crashed writers' orphans",
+        add_gc_arguments,
+        run_gc,
+    ),
+    "server": Command(
+        "run a local SeaweedFS S3 server on 127.0.0.1 (python -m lmcache_s3layer.server)",
+        add_server_arguments,
+        run_server,
     ),
 }
 

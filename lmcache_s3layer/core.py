@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 from .config import S3LayerConfig
-from .errors import RetrievalFailed, StorageError
+from .errors import CorruptObject, RetrievalFailed, StorageError
 from .index import ChunkIndex, Location
 from .layout import Namespace, normalize_hash
 from .metrics import Metrics
@@ -102,7 +102,7 @@ class S3LayerCore:
             self.store, budget_bytes=cfg.staging_budget_bytes, workers=cfg.max_connections,
             max_depth=cfg.prefetch_max_depth, deadline_s=cfg.retrieval_deadline_s,
             idle_timeout_s=cfg.prefetch_idle_timeout_s, allocator=allocator, trace=trace,
-            on_layer_fetched=self.metrics.layer_fetched)
+            on_layer_fetched=self.metrics.layer_fetched, on_fault=self.metrics.fault)
         self.batcher = LookupBatcher(self._start_prefetch)
         self._bad_segments: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -201,6 +201,8 @@ class S3LayerCore:
                 buf = fut.result(timeout=self.cfg.retrieval_deadline_s)
             except Exception as exc:  # noqa: BLE001 - a failed chunk ends the usable prefix
                 log.warning("non-layerwise read failed: %s", exc)
+                if isinstance(exc, CorruptObject) and exc.code == "Checksum":
+                    self.metrics.fault("ChecksumMismatch")  # transport faults: counted by the client
                 failed_at = min(failed_at, run.slots[0])
                 self._mark_bad(run.manifest.segment_id)
                 continue

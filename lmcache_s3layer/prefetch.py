@@ -174,7 +174,8 @@ class Prefetcher:
     def __init__(self, store: SegmentStore, *, budget_bytes: int, workers: int = 16, max_depth: int = 0,
                  deadline_s: float = 30.0, idle_timeout_s: float = 30.0, layer_attempts: int = 2,
                  allocator: StagingAllocator | None = None, clock: Callable[[], float] = time.monotonic,
-                 trace: bool = False, on_layer_fetched: Callable[[int, int, float], None] | None = None):
+                 trace: bool = False, on_layer_fetched: Callable[[int, int, float], None] | None = None,
+                 on_fault: Callable[[str], None] | None = None):
         self.store = store
         self.budget = budget_bytes
         self.max_depth = max_depth
@@ -186,6 +187,9 @@ class Prefetcher:
         self.stats = PrefetchStats()
         self.trace: list[TraceEvent] | None = [] if trace else None
         self._on_layer_fetched = on_layer_fetched
+        # Checksum failures are found here, after the S3 client saw a successful response,
+        # so the client's own error hook never hears of them.
+        self._on_fault = on_fault
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._retrievals: dict[int, Retrieval] = {}
@@ -553,6 +557,8 @@ class Prefetcher:
                 read = self.store.plan_layer_read(run.manifest, job.layer, run.first, run.last)
                 self.store.verify_slices(read, [job.views[s] for s in run.slots])
         except (CorruptObject, S3LayerError) as exc:
+            if self._on_fault is not None:
+                self._on_fault("ChecksumMismatch" if isinstance(exc, CorruptObject) else type(exc).__name__)
             return exc
         return None
 

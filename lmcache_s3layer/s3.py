@@ -82,6 +82,8 @@ class S3Client:
         # Metrics hooks: operation name per try, error kind per failed try.
         self.on_request: Callable[[str], None] | None = None
         self.on_error: Callable[[str], None] | None = None
+        # Seconds one successful try took (operation, seconds): request-latency histograms.
+        self.on_latency: Callable[[str, float], None] | None = None
 
     # ---- reads ---------------------------------------------------------------------------
 
@@ -131,10 +133,15 @@ class S3Client:
                 if total is not None and total > max_bytes:
                     raise CorruptObject(f"object {key!r} is {total} bytes, over the {max_bytes}-byte limit", key=key)
                 data = body.read(max_bytes + 1)
+                length = resp.get("ContentLength")
             finally:
                 body.close()
             if len(data) > max_bytes:
                 raise CorruptObject(f"object {key!r} is over the {max_bytes}-byte limit", key=key)
+            if length is not None and len(data) != int(length):
+                # A body cut short on the wire must be retried, not parsed as a malformed object.
+                raise Unavailable(f"get {key!r}: body ended after {len(data)} of {length} bytes",
+                                  key=key, code="Truncated")
             return data
 
         try:
@@ -223,7 +230,11 @@ class S3Client:
                     self.on_request(op)
                 if self.before_request is not None:
                     self.before_request(op, key)
-                return fn()
+                t0 = time.perf_counter()
+                result = fn()
+                if self.on_latency is not None:
+                    self.on_latency(op, time.perf_counter() - t0)
+                return result
             except StorageError as err:
                 typed = err
             except Exception as exc:  # noqa: BLE001 - classified below, never leaked raw

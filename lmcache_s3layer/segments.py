@@ -78,27 +78,59 @@ class SegmentStore:
     def put_layer(self, ns: Namespace, segment_id: str, layer: int, data) -> None:
         self.client.put_bytes(self.names(ns).layer_object(segment_id, layer), data)
 
-    def commit(self, manifest: Manifest, *, create_only: bool = True) -> None:
-        """Manifest, then pointers. Raises PreconditionFailed (after cleaning up) when another
-        writer already owns one of the chunks."""
+    def commit(self, manifest: Manifest, *, create_only: bool = True) -> int:
+        """Manifest, then pointers; returns how many pointers were written.
+
+        Raises PreconditionFailed (after cleaning up) when another writer already owns one of
+        the chunks, and StorageError when the manifest could not be written (then nothing is
+        committed). Once the manifest is down the segment is committed: a pointer that cannot
+        be written only makes its chunk (and the ones after it) unfindable for other
+        instances, so it ends the commit early instead of undoing it.
+        """
         names = self.names(manifest.namespace)
         sid = manifest.segment_id
-        self.client.put_bytes(names.manifest_object(sid), manifest.encode(), create_only=create_only)
-        written: list[str] = []
+        mkey = names.manifest_object(sid)
+        body = manifest.encode()
         try:
-            for i, (h, t) in enumerate(zip(manifest.chunk_hashes, manifest.chunk_tokens)):
-                key = names.pointer_object(h)
-                self.client.put_bytes(key, Pointer(h, sid, i, t).encode(), create_only=create_only)
-                written.append(key)
+            self.client.put_bytes(mkey, body, create_only=create_only)
         except PreconditionFailed:
-            log.info("segment %s lost a commit race on chunk %d; removing it", sid, len(written))
-            self._delete_quietly(written + [names.manifest_object(sid)]
-                                 + [names.layer_object(sid, l) for l in range(manifest.num_layers)])
-            raise
+            # Segment ids are random, so an existing manifest under ours is our own earlier
+            # try whose response was lost: the write landed, the retry met it.
+            if not self._holds(mkey, body):
+                raise
+        written: list[str] = []
+        for i, (h, t) in enumerate(zip(manifest.chunk_hashes, manifest.chunk_tokens)):
+            key = names.pointer_object(h)
+            try:
+                self.client.put_bytes(key, Pointer(h, sid, i, t).encode(), create_only=create_only)
+            except PreconditionFailed:
+                if self._pointer_names(manifest.namespace, h, sid):
+                    written.append(key)  # ours, from a try whose response was lost
+                    continue
+                log.info("segment %s lost a commit race on chunk %d; removing it", sid, i)
+                self._delete_quietly(written + [mkey]
+                                     + [names.layer_object(sid, l) for l in range(manifest.num_layers)])
+                raise
+            except StorageError as exc:
+                log.warning("segment %s is committed but only %d of %d chunk pointers were written (%s); "
+                            "other instances find only that prefix", sid, len(written),
+                            manifest.num_chunks, exc)
+                return len(written)
+            written.append(key)
+        return len(written)
+
+    def _holds(self, key: str, body: bytes) -> bool:
+        try:
+            return self.client.get_bytes(key, MAX_MANIFEST_BYTES) == body
         except StorageError:
-            # Pointers that did land point at a committed manifest, so they are valid; the
-            # remaining chunks are simply not findable by other instances.
-            raise
+            return False
+
+    def _pointer_names(self, ns: Namespace, chunk_hash: int, segment_id: str) -> bool:
+        try:
+            p = self.read_pointer(ns, chunk_hash)
+        except (FormatError, StorageError):
+            return False
+        return p is not None and p.segment_id == segment_id
 
     def write_segment(self, ns: Namespace, chunk_hashes: Sequence[int], chunk_tokens: Sequence[int],
                       token_shape: Sequence[int], layers: Sequence, *, segment_id: str | None = None,

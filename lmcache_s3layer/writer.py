@@ -278,6 +278,7 @@ class SegmentWriter:
         for st in [s for s in self._stores.values() if now - s.last_activity > self._stale_after]:
             # LMCache abandoned this store's generator part-way (request aborted).
             self.stats.stores_abandoned += 1
+            self._on_event("store_abandoned", 1)
             self._drop_store_locked(st)
 
     def flush(self, timeout: float | None = None) -> bool:

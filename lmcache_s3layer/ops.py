@@ -1,0 +1,656 @@
+"""Operating a cache bucket: list and verify segments (``inspect``), delete old segments and the
+garbage crashed writers leave (``gc``). Bytes and keys only; no LMCache imports.
+
+Both start from one listing of ``<prefix>/v1/`` (``scan``) that sorts every key into
+committed segments (a manifest is present), orphan segment directories (layer objects with no
+manifest: a writer crashed or lost its commit before the manifest), chunk pointers, and keys
+that are not ours (left alone). Manifests are read in parallel; layer data only by ``verify``.
+
+Ages: a segment's age is time since its commit, not since its last use (S3 records no access
+time, and a read path that wrote one would turn every hit into a PUT). Commit time is the
+manifest's ``created_at`` (sub-second, the writer's clock) capped by the server's
+``Last-Modified`` + 1 s (which S3 truncates to whole seconds), so a writer with a clock in the
+future cannot make its segments immortal, and segments committed in the same second still sort
+in commit order.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, TextIO
+
+from .checksum import crc32c
+from .errors import FormatError, ObjectNotFound, S3LayerError, StorageError
+from .layout import (FORMAT_VERSION, MAX_POINTER_BYTES, Manifest, Names, Pointer, check_segment_id)
+from .s3 import ObjectInfo, S3Client
+from .segments import SegmentStore
+
+log = logging.getLogger(__name__)
+
+_HEX = set("0123456789abcdef")
+
+
+# ---------------------------------------------------------------------------------------------
+# Scan: one listing, classified
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SegmentInfo:
+    """One segment directory ``<ns root>/seg/xx/<id>/`` as listed (and its manifest, if any)."""
+
+    segment_id: str
+    ns_root: str
+    objects: dict[str, ObjectInfo] = field(default_factory=dict)  # file name -> info
+    manifest: Manifest | None = None
+    manifest_error: str | None = None
+
+    @property
+    def dir(self) -> str:
+        return f"{self.ns_root}/seg/{self.segment_id[:2]}/{self.segment_id}"
+
+    @property
+    def manifest_info(self) -> ObjectInfo | None:
+        return self.objects.get("manifest.json")
+
+    @property
+    def has_manifest(self) -> bool:
+        return self.manifest_info is not None
+
+    @property
+    def layer_objects(self) -> dict[int, ObjectInfo]:
+        return {int(name[1:]): o for name, o in self.objects.items()
+                if name.startswith("L") and name[1:].isdigit()}
+
+    @property
+    def size(self) -> int:
+        return sum(o.size for o in self.objects.values())
+
+    @property
+    def newest(self) -> float:
+        return max((o.last_modified for o in self.objects.values()), default=0.0)
+
+    @property
+    def committed_at(self) -> float:
+        lm = self.manifest_info.last_modified if self.manifest_info else self.newest
+        if self.manifest is not None:
+            return min(self.manifest.created_at, lm + 1.0)
+        return lm
+
+    def problems(self, prefix: str) -> list["Problem"]:
+        """Structural damage visible without reading layer data."""
+        if not self.has_manifest:
+            return []
+        if self.manifest is None:
+            return [Problem(self.segment_id, None, None, self.dir + "/manifest.json",
+                            f"manifest unreadable: {self.manifest_error}")]
+        m = self.manifest
+        out = []
+        if Names(prefix, m.namespace).root != self.ns_root:
+            out.append(Problem(self.segment_id, None, None, self.dir + "/manifest.json",
+                               "manifest's model/rank/dtype do not match its location"))
+            return out
+        layers = self.layer_objects
+        for layer in range(m.num_layers):
+            o = layers.get(layer)
+            key = f"{self.dir}/L{layer:04d}"
+            if o is None:
+                out.append(Problem(self.segment_id, layer, None, key, "layer object missing"))
+            elif o.size != m.layer_bytes:
+                out.append(Problem(self.segment_id, layer, None, key,
+                                   f"layer object is {o.size} bytes, manifest says {m.layer_bytes}"))
+        return out
+
+    def describe(self, now: float) -> dict[str, Any]:
+        m = self.manifest
+        d: dict[str, Any] = {
+            "segment_id": self.segment_id, "dir": self.dir, "bytes": self.size,
+            "committed_at": self.committed_at, "age_s": max(0.0, now - self.committed_at),
+        }
+        if m is not None:
+            d.update(model=m.namespace.model, world_size=m.namespace.world_size,
+                     worker_id=m.namespace.worker_id, dtype=m.namespace.dtype,
+                     tags=[list(t) for t in m.namespace.tags], chunks=m.num_chunks,
+                     tokens=m.total_tokens, layers=m.num_layers, layer_bytes=m.layer_bytes)
+        else:
+            d["manifest_error"] = self.manifest_error
+        return d
+
+
+@dataclass
+class PointerInfo:
+    key: str
+    ns_root: str
+    hash_hex: str
+    info: ObjectInfo
+
+
+@dataclass
+class Problem:
+    """Something that makes (part of) a segment unreadable: names segment, layer and chunk."""
+
+    segment_id: str
+    layer: int | None
+    chunk: int | None
+    key: str
+    reason: str
+
+    def __str__(self) -> str:
+        where = f"segment {self.segment_id}"
+        if self.layer is not None:
+            where += f" layer {self.layer}"
+        if self.chunk is not None:
+            where += f" chunk {self.chunk}"
+        return f"{where}: {self.reason} ({self.key})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"segment_id": self.segment_id, "layer": self.layer, "chunk": self.chunk,
+                "key": self.key, "reason": self.reason}
+
+
+@dataclass
+class Scan:
+    prefix: str
+    listed_at: float
+    segments: list[SegmentInfo]  # committed: a manifest object exists (readable or not)
+    orphan_dirs: list[SegmentInfo]  # layer objects without a manifest
+    pointers: list[PointerInfo]
+    foreign: list[ObjectInfo]  # under the prefix but not format v1's names
+
+    def live_hashes(self, exclude: Iterable[str] = ()) -> dict[str, set[str]]:
+        """Chunk hashes (hex) per namespace root named by readable manifests."""
+        skip = set(exclude)
+        out: dict[str, set[str]] = {}
+        for s in self.segments:
+            if s.manifest is not None and s.segment_id not in skip:
+                out.setdefault(s.ns_root, set()).update(f"{h & ((1 << 64) - 1):016x}"
+                                                        for h in s.manifest.chunk_hashes)
+        return out
+
+
+def list_root(prefix: str) -> str:
+    p = prefix.strip("/")
+    return f"{p}/v{FORMAT_VERSION}/" if p else f"v{FORMAT_VERSION}/"
+
+
+def _classify(key: str) -> tuple[str, str, str, str] | None:
+    """("seg", ns_root, segment_id, name) or ("ptr", ns_root, hash_hex, "") or None."""
+    parts = key.split("/")
+    if len(parts) >= 5 and parts[-4] == "seg":
+        sid, name = parts[-2], parts[-1]
+        try:
+            check_segment_id(sid)
+        except FormatError:
+            return None
+        if parts[-3] == sid[:2] and (name == "manifest.json" or (name[:1] == "L" and name[1:].isdigit())):
+            return "seg", "/".join(parts[:-4]), sid, name
+        return None
+    if len(parts) >= 4 and parts[-3] == "ptr":
+        h = parts[-1]
+        if len(h) == 16 and set(h) <= _HEX and len(parts[-2]) == 2 and set(parts[-2]) <= _HEX:
+            return "ptr", "/".join(parts[:-3]), h, ""
+    return None
+
+
+def scan(store: SegmentStore, *, jobs: int = 8, read_manifests: bool = True) -> Scan:
+    listed_at = time.time()
+    segs: dict[str, SegmentInfo] = {}
+    pointers: list[PointerInfo] = []
+    foreign: list[ObjectInfo] = []
+    for info in store.client.list(list_root(store.prefix)):
+        c = _classify(info.key)
+        if c is None:
+            foreign.append(info)
+        elif c[0] == "seg":
+            _, root, sid, name = c
+            s = segs.get(f"{root}/{sid}")
+            if s is None:
+                s = segs[f"{root}/{sid}"] = SegmentInfo(sid, root)
+            s.objects[name] = info
+        else:
+            pointers.append(PointerInfo(info.key, c[1], c[2], info))
+    committed = [s for s in segs.values() if s.has_manifest]
+    orphans = [s for s in segs.values() if not s.has_manifest]
+    if read_manifests and committed:
+        def load(s: SegmentInfo) -> None:
+            try:
+                s.manifest = store.read_manifest_key(s.manifest_info.key)
+            except FormatError as exc:
+                s.manifest_error = str(exc)
+            except ObjectNotFound:
+                s.manifest_error = "manifest deleted while listing (concurrent gc?)"
+        with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="s3layer-scan") as pool:
+            list(pool.map(load, committed))
+    committed.sort(key=lambda s: (s.committed_at, s.segment_id))
+    orphans.sort(key=lambda s: (s.newest, s.segment_id))
+    return Scan(store.prefix, listed_at, committed, orphans, pointers, foreign)
+
+
+def find_segment(sc: Scan, wanted: str) -> SegmentInfo:
+    """The committed segment whose id is ``wanted`` or starts with it (unambiguously)."""
+    hits = [s for s in sc.segments if s.segment_id.startswith(wanted.lower())]
+    if len(hits) != 1:
+        raise LookupError(f"{'no' if not hits else len(hits)} committed segments match {wanted!r}")
+    return hits[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Verify
+# ---------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """A plain stderr progress bar: a redrawn line on a terminal, a line every few seconds
+    otherwise (so a log or CI output stays readable). Thread-safe; no dependencies."""
+
+    def __init__(self, total_bytes: int, total_items: int, *, label: str = "verifying",
+                 stream: TextIO | None = None, enabled: bool | None = None, min_interval: float = 0.1,
+                 clock: Callable[[], float] = time.monotonic):
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.enabled = self.tty if enabled is None else enabled
+        self.total_bytes, self.total_items = total_bytes, total_items
+        self.label = label
+        self.bytes = self.items = 0
+        self._clock = clock
+        self._start = clock()
+        self._last = -1e9
+        self._interval = min_interval if self.tty else max(min_interval, 5.0)
+        self._lock = threading.Lock()
+
+    def advance(self, nbytes: int = 0, items: int = 0) -> None:
+        with self._lock:
+            self.bytes += nbytes
+            self.items += items
+            now = self._clock()
+            if self.enabled and now - self._last >= self._interval:
+                self._last = now
+                self._draw(now, final=False)
+
+    def close(self) -> None:
+        with self._lock:
+            if self.enabled:
+                self._draw(self._clock(), final=True)
+
+    def _draw(self, now: float, final: bool) -> None:
+        frac = self.bytes / self.total_bytes if self.total_bytes else 1.0
+        width = 24
+        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+        rate = self.bytes / max(now - self._start, 1e-9)
+        line = (f"{self.label} [{bar}] {frac:4.0%}  {self.items}/{self.total_items} segments  "
+                f"{fmt_bytes(self.bytes)}/{fmt_bytes(self.total_bytes)}  {fmt_bytes(rate)}/s")
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+@dataclass
+class VerifyReport:
+    segments: int = 0
+    layers: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        return {"segments": self.segments, "layers": self.layers, "bytes": self.bytes,
+                "seconds": round(self.seconds, 3), "ok": self.ok,
+                "problems": [p.to_json() for p in self.problems]}
+
+
+def verify_layer(store: SegmentStore, s: SegmentInfo, layer: int) -> tuple[list[Problem], int]:
+    """Read one whole layer object and check every chunk's CRC32C; every bad chunk is named,
+    not just the first."""
+    m = s.manifest
+    assert m is not None
+    read = store.plan_layer_read(m, layer, 0, m.num_chunks - 1)
+    key = read.parts[0].key
+    buf = memoryview(bytearray(read.nbytes))
+    try:
+        for p in read.parts:
+            store.fetch_part(p, buf)
+    except StorageError as exc:
+        return [Problem(s.segment_id, layer, None, key, f"could not read: {exc}")], 0
+    bad = []
+    for j, (off, tokens) in enumerate(zip(m.chunk_offsets, m.chunk_tokens)):
+        if crc32c(buf[off:off + tokens * m.bytes_per_token]) != m.checksums[layer][j]:
+            bad.append(Problem(s.segment_id, layer, j, key, "checksum mismatch"))
+    return bad, read.nbytes
+
+
+def verify(store: SegmentStore, segments: list[SegmentInfo], *, jobs: int = 8,
+           progress: Progress | None = None) -> VerifyReport:
+    """Structure first (missing or mis-sized layers, unreadable manifests), then every byte of
+    every readable layer against the manifest's per-(layer, chunk) checksums."""
+    rep = VerifyReport(segments=len(segments))
+    t0 = time.perf_counter()
+    tasks: list[tuple[SegmentInfo, int]] = []
+    remaining: dict[str, int] = {}
+    lock = threading.Lock()
+    for s in segments:
+        structural = s.problems(store.prefix)
+        rep.problems.extend(structural)
+        if s.manifest is None or any(p.layer is None for p in structural):
+            if progress:
+                progress.advance(items=1)
+            continue
+        broken = {p.layer for p in structural}
+        layers = [l for l in range(s.manifest.num_layers) if l not in broken]
+        remaining[s.dir] = len(layers)
+        tasks += [(s, l) for l in layers]
+        if not layers and progress:
+            progress.advance(items=1)
+
+    def run(task: tuple[SegmentInfo, int]) -> None:
+        s, layer = task
+        problems, n = verify_layer(store, s, layer)
+        with lock:
+            rep.problems.extend(problems)
+            rep.layers += 1
+            rep.bytes += n
+            remaining[s.dir] -= 1
+            done = remaining[s.dir] == 0
+        if progress:
+            progress.advance(n, items=1 if done else 0)
+
+    with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="s3layer-verify") as pool:
+        list(pool.map(run, tasks))
+    if progress:
+        progress.close()
+    rep.problems.sort(key=lambda p: (p.segment_id, p.layer if p.layer is not None else -1,
+                                     p.chunk if p.chunk is not None else -1))
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+# ---------------------------------------------------------------------------------------------
+# gc
+# ---------------------------------------------------------------------------------------------
+#
+# Why deleting in the order pointers -> manifest -> layer objects is safe for a concurrent
+# reader (another engine looking up and retrieving the same chunks while gc runs):
+#
+# * A reader finds a chunk through its pointer, then the manifest. With the pointer gone, the
+#   look-up is a miss. With the pointer still there but the manifest gone, the manifest GET is
+#   NoSuchKey and ``ChunkIndex`` answers a clean miss too. The manifest is the commit point in
+#   both directions: nothing can be found without it, so once it is deleted the layer objects
+#   are unreachable garbage, and deleting them last cannot expose anything.
+# * A reader that resolved the manifest *before* gc deleted it may still ask for layers that
+#   are now gone: the GET is NoSuchKey, a typed error, and the read path fails that retrieval
+#   loudly (``RetrievalFailed``) and marks the segment bad, so the engine recomputes. It never
+#   gets part of a layer: a layer is handed out only whole and checksum-verified.
+# * The reverse order (layers first) would leave, for a while, a manifest that promises layers
+#   that no longer exist; every reader that looked the chunks up in that window would turn a
+#   hit into a failed retrieval. Manifest-before-pointers would do the same to pointer readers,
+#   only as clean misses, so pointers go first to keep even that window empty.
+#
+# Orphans: layer objects without a manifest are what a writer leaves between its first layer
+# PUT and its manifest PUT, so they are garbage only once older than a grace period far beyond
+# a writer's longest store (``SegmentWriter`` abandons a store after 5 idle minutes; the
+# default grace is an hour). A pointer is an orphan when no surviving manifest of its
+# namespace names its chunk; it is re-read and its manifest checked just before deletion, so a
+# commit that raced the listing survives.
+
+
+@dataclass
+class GcAction:
+    kind: str  # segment | orphan_layers | orphan_pointer
+    reason: str
+    key: str  # segment dir, or pointer key
+    bytes: int
+    objects: int
+    age_s: float
+    segment: SegmentInfo | None = None
+    done: bool = False
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": self.kind, "reason": self.reason, "key": self.key, "bytes": self.bytes,
+                             "objects": self.objects, "age_s": round(self.age_s, 1), "done": self.done}
+        if self.segment is not None:
+            d["segment_id"] = self.segment.segment_id
+            m = self.segment.manifest
+            if m is not None:
+                d.update(model=m.namespace.model, tokens=m.total_tokens, layers=m.num_layers)
+        if self.error:
+            d["error"] = self.error
+        return d
+
+
+@dataclass
+class GcReport:
+    dry_run: bool
+    actions: list[GcAction]
+    kept_segments: int
+    kept_bytes: int
+
+    @property
+    def errors(self) -> list[GcAction]:
+        return [a for a in self.actions if a.error]
+
+    def to_json(self) -> dict[str, Any]:
+        segs = [a for a in self.actions if a.kind == "segment"]
+        return {
+            "dry_run": self.dry_run,
+            "actions": [a.to_json() for a in self.actions],
+            "summary": {
+                "segments": len(segs), "segment_bytes": sum(a.bytes for a in segs),
+                "orphan_layer_objects": sum(a.objects for a in self.actions if a.kind == "orphan_layers"),
+                "orphan_pointers": sum(1 for a in self.actions if a.kind == "orphan_pointer"),
+                "kept_segments": self.kept_segments, "kept_bytes": self.kept_bytes,
+                "errors": len(self.errors),
+            },
+        }
+
+
+def plan_gc(sc: Scan, *, older_than_s: float | None = None, max_bytes: int | None = None,
+            orphan_grace_s: float = 3600.0, now: float | None = None) -> tuple[list[GcAction], list[SegmentInfo]]:
+    """What gc would delete, oldest first, and the segments it keeps. Pure (no I/O)."""
+    now = time.time() if now is None else now
+    actions: list[GcAction] = []
+    kept: list[SegmentInfo] = []
+
+    def seg_action(s: SegmentInfo, reason: str) -> None:
+        actions.append(GcAction("segment", reason, s.dir, s.size, len(s.objects), now - s.committed_at, s))
+
+    for s in sc.segments:  # oldest first (scan sorted them)
+        age = now - s.committed_at
+        damage = [p for p in s.problems(sc.prefix) if p.reason != "manifest unreadable"]
+        if older_than_s is not None and age > older_than_s:
+            seg_action(s, f"older than {fmt_age(older_than_s)}")
+        elif damage and age > orphan_grace_s:
+            # A manifest is written only after all its layers, so a missing or short layer is
+            # damage, not a write in progress: every hit on it would be a failed retrieval.
+            seg_action(s, f"damaged: {damage[0].reason}")
+        else:
+            kept.append(s)
+    if max_bytes is not None:
+        total = sum(s.size for s in kept)
+        survivors = []
+        for s in kept:
+            if total > max_bytes:
+                seg_action(s, f"over the {fmt_bytes(max_bytes)} budget")
+                total -= s.size
+            else:
+                survivors.append(s)
+        kept = survivors
+    for d in sc.orphan_dirs:
+        age = now - d.newest
+        if age > orphan_grace_s:
+            actions.append(GcAction("orphan_layers", "layer objects without a manifest", d.dir, d.size,
+                                    len(d.objects), age, d))
+    doomed = {a.segment.segment_id for a in actions if a.kind == "segment"}
+    live = sc.live_hashes(exclude=doomed)
+    # Pointers of segments deleted above go with their segment (``delete_segment``).
+    handled = sc.live_hashes(exclude={s.segment_id for s in sc.segments} - doomed)
+    for p in sc.pointers:
+        age = now - p.info.last_modified
+        if (age > orphan_grace_s and p.hash_hex not in live.get(p.ns_root, set())
+                and p.hash_hex not in handled.get(p.ns_root, set())):
+            actions.append(GcAction("orphan_pointer", "no surviving manifest names this chunk", p.key,
+                                    p.info.size, 1, age))
+    return actions, kept
+
+
+def run_gc(store: SegmentStore, sc: Scan, actions: list[GcAction], kept: list[SegmentInfo], *,
+           dry_run: bool = False, jobs: int = 8,
+           on_action: Callable[[GcAction], None] | None = None) -> GcReport:
+    """Carry out ``plan_gc``'s actions: segments (each pointers -> manifest -> layers, see the
+    comment above), then orphan layer objects, then orphan pointers. Failures are recorded on
+    the action and gc goes on; the caller decides the exit status."""
+    rep = GcReport(dry_run, actions, len(kept), sum(s.size for s in kept))
+    notify = on_action or (lambda a: None)
+    if dry_run:
+        for a in actions:
+            notify(a)
+        return rep
+    lock = threading.Lock()
+    live_dirs = {f"{s.ns_root}/{s.segment_id}" for s in kept}
+
+    def do(a: GcAction) -> None:
+        try:
+            if a.kind == "segment":
+                _delete_segment(store, a.segment)
+            elif a.kind == "orphan_layers":
+                store.client.delete_many(sorted(o.key for o in a.segment.objects.values()))
+            else:
+                deleted, note = _delete_orphan_pointer(store, a.key, live_dirs)
+                if note:
+                    a.reason = note
+                if not deleted:
+                    with lock:
+                        notify(a)
+                    return
+            a.done = True
+        except S3LayerError as exc:
+            a.error = str(exc)
+        with lock:
+            notify(a)
+
+    segs = [a for a in actions if a.kind == "segment"]
+    rest = [a for a in actions if a.kind != "segment"]
+    # Segments in parallel (each one's own deletions stay in order); oldest are submitted first.
+    with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="s3layer-gc") as pool:
+        list(pool.map(do, segs))
+    with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="s3layer-gc") as pool:
+        list(pool.map(do, rest))
+    return rep
+
+
+def _delete_segment(store: SegmentStore, s: SegmentInfo) -> None:
+    m = s.manifest
+    expected: set[str] = set()
+    if m is not None and Names(store.prefix, m.namespace).root == s.ns_root:
+        store.delete_segment(m)  # pointers naming it, manifest, layers: that order
+        names = store.names(m.namespace)
+        expected = {names.manifest_object(m.segment_id)} | {
+            names.layer_object(m.segment_id, l) for l in range(m.num_layers)}
+    elif s.manifest_info is not None:
+        # Unreadable (or misplaced) manifest: its chunks are unknown, so pointers naming it are
+        # left to the orphan-pointer pass; readers already treat them as misses.
+        store.client.delete(s.manifest_info.key)
+        expected = {s.manifest_info.key}
+    leftovers = sorted(o.key for o in s.objects.values() if o.key not in expected)
+    if leftovers:
+        store.client.delete_many(leftovers)
+
+
+def _delete_orphan_pointer(store: SegmentStore, key: str, live_dirs: set[str]) -> tuple[bool, str | None]:
+    """Delete the pointer unless, read again now, it names a segment that is still committed.
+    Returns (deleted, a note replacing the planned reason or None)."""
+    try:
+        data = store.client.get_bytes(key, MAX_POINTER_BYTES)
+    except ObjectNotFound:
+        return False, "already gone"
+    try:
+        p = Pointer.decode(data)
+    except FormatError as exc:
+        store.client.delete(key)
+        return True, f"malformed pointer ({exc})"
+    ns_root = key.rsplit("/ptr/", 1)[0]
+    sid = p.segment_id
+    if f"{ns_root}/{sid}" in live_dirs:
+        return False, "kept: names a surviving segment"
+    try:
+        store.client.head(f"{ns_root}/seg/{sid[:2]}/{sid}/manifest.json")
+        return False, "kept: its manifest exists (committed after the listing)"
+    except ObjectNotFound:
+        pass
+    store.client.delete(key)
+    return True, None
+
+
+def gc(store: SegmentStore, *, older_than_s: float | None = None, max_bytes: int | None = None,
+       orphan_grace_s: float = 3600.0, dry_run: bool = False, jobs: int = 8, now: float | None = None,
+       on_action: Callable[[GcAction], None] | None = None) -> GcReport:
+    sc = scan(store, jobs=jobs)
+    actions, kept = plan_gc(sc, older_than_s=older_than_s, max_bytes=max_bytes,
+                            orphan_grace_s=orphan_grace_s, now=now)
+    return run_gc(store, sc, actions, kept, dry_run=dry_run, jobs=jobs, on_action=on_action)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing and formatting helpers shared with the CLI
+# ---------------------------------------------------------------------------------------------
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``7d``, ``36h``, ``90m``, ``45s``, ``1w``, ``1d12h`` or plain seconds."""
+    t = text.strip().lower()
+    if not t:
+        raise ValueError("empty duration")
+    try:
+        v = float(t)
+    except ValueError:
+        pass
+    else:
+        if v < 0:
+            raise ValueError(f"negative duration {text!r}")
+        return v
+    total, num = 0.0, ""
+    for ch in t:
+        if ch.isdigit() or ch == ".":
+            num += ch
+        elif ch in _DURATION_UNITS and num:
+            total += float(num) * _DURATION_UNITS[ch]
+            num = ""
+        else:
+            raise ValueError(f"bad duration {text!r}: use e.g. 7d, 36h, 90m, 45s")
+    if num:
+        raise ValueError(f"bad duration {text!r}: a number needs a unit (s, m, h, d, w)")
+    return total
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_age(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def connect(cfg) -> SegmentStore:
+    return SegmentStore(S3Client(cfg), cfg.prefix)
