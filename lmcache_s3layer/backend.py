@@ -106,6 +106,11 @@ class S3LayerBackend(StoragePluginInterface):
                 self.core.close()
                 self.core = None
             if fail_fast:
+                # The StorageManager that is constructing us started its event-loop thread
+                # (not a daemon) and will never be closed once we raise: stop the loop, or the
+                # failed process could never exit.
+                if loop is not None:
+                    loop.call_soon_threadsafe(loop.stop)
                 # BaseException on purpose: LMCache's plugin launcher catches Exception and
                 # only logs it, which would leave a server running without its cache.
                 raise StartupError(msg) from exc

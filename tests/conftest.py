@@ -133,3 +133,53 @@ def bucket(s3_boto_client) -> Iterator[str]:
         yield name
     finally:
         empty_and_delete_bucket(s3_boto_client, name)
+
+
+# ---- end of session: no thread may keep the run alive -------------------------------------
+#
+# LMCache starts non-daemon threads (the StorageManager's event loop) that only its own close()
+# stops. An engine a test forgot, or one LMCache itself half-built, would make the interpreter
+# wait for them forever after the last test and stall CI with every test green. So the session
+# closes what LMCache still holds, names any thread that survives, and exits with pytest's own
+# status instead of hanging.
+
+_EXIT_STATUS = 0
+
+
+def pytest_sessionfinish(session, exitstatus):
+    global _EXIT_STATUS
+    _EXIT_STATUS = int(exitstatus)
+    import sys
+    if "lmcache.v1.cache_engine" in sys.modules:
+        from lmcache.v1.cache_engine import LMCacheEngineBuilder
+        for instance_id in list(getattr(LMCacheEngineBuilder, "_instances", {})):
+            with contextlib.suppress(Exception):
+                LMCacheEngineBuilder.destroy(instance_id)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    import sys
+    import threading
+    import time
+
+    deadline = time.monotonic() + 10
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            t.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in threading.enumerate()
+             if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if not stuck:
+        return
+    # pytest still holds stdout/stderr (its cleanups run after this hook): hand them back and
+    # flush the summary it has already written, or os._exit would drop both.
+    capman = config.pluginmanager.getplugin("capturemanager")
+    if capman is not None:
+        capman.stop_global_capturing()
+    config.get_terminal_writer().flush()
+    sys.stderr.write(f"conftest: {len(stuck)} non-daemon thread(s) still running after the session "
+                     f"({', '.join(sorted(set(stuck)))}); exiting with pytest's status "
+                     f"{_EXIT_STATUS} instead of waiting for them\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_EXIT_STATUS)

@@ -7,6 +7,8 @@ per layer); a *new* engine instance (as after a restart, or on another machine) 
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import pytest
 import torch
@@ -238,11 +240,22 @@ def test_object_lost_between_lookup_and_retrieve_never_yields_wrong_kv(s3_endpoi
 # ---- start-up guard rails ------------------------------------------------------------------
 
 
+def _storage_loops() -> int:
+    return sum(t.name == "storage-manager-event-loop" and t.is_alive() for t in threading.enumerate())
+
+
 def _build_expecting(cfg, match):
     from lmcache_s3layer.guards import StartupError
+    before = _storage_loops()
     with pytest.raises(StartupError, match=match) as ei:
         e = build_engine(cfg, SPEC)
         destroy_engine(e)
+    # The half-built StorageManager's loop thread is not a daemon: left running, it would keep
+    # the failed process (a vLLM worker) from ever exiting.
+    deadline = time.monotonic() + 10
+    while _storage_loops() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _storage_loops() <= before, "a failed start-up left LMCache's event-loop thread running"
     return str(ei.value)
 
 
