@@ -97,7 +97,10 @@ class S3LayerConfig:
 
     # --- guard rails and operations -----------------------------------------------------------
     require_hash_seed: bool = True
-    metrics_port: int | None = None
+    metrics_port: int | None = None  # None: metrics are kept in-process only, not served
+    # Prometheus scrapes from another host, so all interfaces by default; 127.0.0.1 keeps
+    # /metrics private to the machine.
+    metrics_addr: str = "0.0.0.0"
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -229,3 +232,5 @@ def _validate(c: S3LayerConfig) -> None:
             raise ConfigError(f"s3layer.{name} must be >= 0")
     if c.metrics_port is not None and not (0 <= c.metrics_port <= 65535):
         raise ConfigError("s3layer.metrics_port must be a TCP port")
+    if not c.metrics_addr or any(ch.isspace() for ch in c.metrics_addr):
+        raise ConfigError("s3layer.metrics_addr must be an interface address such as 0.0.0.0 or 127.0.0.1")

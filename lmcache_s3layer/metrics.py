@@ -51,8 +51,9 @@ class Metrics:
         self.events = Counter("s3layer_events_total", "Store/retrieval outcomes", ["event"], registry=r)
         self.lookups = Counter("s3layer_lookup_chunks_total", "Chunks asked about at lookup", ["result"], registry=r)
         self.errors = Counter("s3layer_storage_errors_total",
-                              "Faults by kind: failed object-store tries (retried or not) and "
-                              "fetched bytes that failed their checksum (ChecksumMismatch)",
+                              "Faults by kind: failed object-store tries (retried or not; a chunk "
+                              "pointer that does not exist is a miss, not a fault) and fetched "
+                              "bytes that failed their checksum (ChecksumMismatch)",
                               ["kind"], registry=r)
         self.requests = Counter("s3layer_requests_total", "Object-store requests (tries) by operation",
                                 ["op"], registry=r)
@@ -82,11 +83,11 @@ class Metrics:
     def bind_core(self, core: Any) -> None:
         self._cores.add(core)
         core.client.on_request = self.request
-        core.client.on_error = self.fault
+        core.client.on_error = self.client_fault
         core.client.on_latency = self.request_latency
         port = core.cfg.metrics_port
         if port is not None:
-            self.serve(port)
+            self.serve(port, core.cfg.metrics_addr)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> int | None:
         """Serve ``/metrics`` once per registry; returns the bound port (0 picks a free one).
@@ -132,6 +133,15 @@ class Metrics:
     def fault(self, kind: str) -> None:
         self.errors.labels(_bounded(kind, FAULT_KINDS)).inc()
 
+    def client_fault(self, kind: str, op: str, key: str) -> None:
+        # A chunk pointer that does not exist is how a lookup learns of a miss
+        # (``<ns root>/ptr/<xx>/<hash>``); counting it as a fault would make every cold miss
+        # look like an error on a dashboard. Misses are in s3layer_index_resolutions instead.
+        parts = key.split("/")
+        if kind == "ObjectNotFound" and len(parts) >= 3 and parts[-3] == "ptr":
+            return
+        self.fault(kind)
+
     def lookup(self, hits: int, misses: int) -> None:
         if hits:
             self.lookups.labels("hit").inc(hits)
@@ -157,7 +167,14 @@ class Metrics:
 
 
 def _sum(cores: list, fn: Callable[[Any], float]) -> float:
-    return float(sum(fn(c) for c in cores))
+    total = 0.0
+    for c in cores:
+        try:
+            total += fn(c)
+        except Exception as exc:  # noqa: BLE001
+            # One core half-way through close() must not turn the whole scrape into a 500.
+            log.debug("s3layer metrics: skipping a core at scrape time: %s", exc)
+    return total
 
 
 class _StateCollector:

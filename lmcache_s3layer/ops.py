@@ -233,6 +233,8 @@ def scan(store: SegmentStore, *, jobs: int = 8, read_manifests: bool = True) -> 
 
 def find_segment(sc: Scan, wanted: str) -> SegmentInfo:
     """The committed segment whose id is ``wanted`` or starts with it (unambiguously)."""
+    if not wanted:
+        raise LookupError("an empty segment id matches every segment")
     hits = [s for s in sc.segments if s.segment_id.startswith(wanted.lower())]
     if len(hits) != 1:
         raise LookupError(f"{'no' if not hits else len(hits)} committed segments match {wanted!r}")
@@ -455,8 +457,12 @@ class GcReport:
 
 
 def plan_gc(sc: Scan, *, older_than_s: float | None = None, max_bytes: int | None = None,
-            orphan_grace_s: float = 3600.0, now: float | None = None) -> tuple[list[GcAction], list[SegmentInfo]]:
-    """What gc would delete, oldest first, and the segments it keeps. Pure (no I/O)."""
+            orphan_grace_s: float = 3600.0, now: float | None = None,
+            segment_ids: Iterable[str] = ()) -> tuple[list[GcAction], list[SegmentInfo]]:
+    """What gc would delete, oldest first, and the segments it keeps. Pure (no I/O).
+    ``segment_ids``: full ids to delete regardless of age (e.g. ones ``inspect --verify``
+    found corrupt: gc itself reads no layer data)."""
+    named = set(segment_ids)
     now = time.time() if now is None else now
     actions: list[GcAction] = []
     kept: list[SegmentInfo] = []
@@ -466,8 +472,12 @@ def plan_gc(sc: Scan, *, older_than_s: float | None = None, max_bytes: int | Non
 
     for s in sc.segments:  # oldest first (scan sorted them)
         age = now - s.committed_at
-        damage = [p for p in s.problems(sc.prefix) if p.reason != "manifest unreadable"]
-        if older_than_s is not None and age > older_than_s:
+        # Includes an unreadable manifest: readers already treat its chunks as misses, so past
+        # the grace it is garbage like any other damage.
+        damage = s.problems(sc.prefix)
+        if s.segment_id in named:
+            seg_action(s, "named (--segment)")
+        elif older_than_s is not None and age > older_than_s:
             seg_action(s, f"older than {fmt_age(older_than_s)}")
         elif damage and age > orphan_grace_s:
             # A manifest is written only after all its layers, so a missing or short layer is
@@ -593,10 +603,13 @@ def _delete_orphan_pointer(store: SegmentStore, key: str, live_dirs: set[str]) -
 
 def gc(store: SegmentStore, *, older_than_s: float | None = None, max_bytes: int | None = None,
        orphan_grace_s: float = 3600.0, dry_run: bool = False, jobs: int = 8, now: float | None = None,
-       on_action: Callable[[GcAction], None] | None = None) -> GcReport:
+       on_action: Callable[[GcAction], None] | None = None, segments: Iterable[str] = ()) -> GcReport:
+    """``segments``: ids or unique id prefixes of committed segments to delete as well
+    (LookupError when one matches none or several)."""
     sc = scan(store, jobs=jobs)
+    named = [find_segment(sc, wanted).segment_id for wanted in segments]
     actions, kept = plan_gc(sc, older_than_s=older_than_s, max_bytes=max_bytes,
-                            orphan_grace_s=orphan_grace_s, now=now)
+                            orphan_grace_s=orphan_grace_s, now=now, segment_ids=named)
     return run_gc(store, sc, actions, kept, dry_run=dry_run, jobs=jobs, on_action=on_action)
 
 

@@ -81,7 +81,9 @@ class S3Client:
         self.before_request: Callable[[str, str], None] | None = None
         # Metrics hooks: operation name per try, error kind per failed try.
         self.on_request: Callable[[str], None] | None = None
-        self.on_error: Callable[[str], None] | None = None
+        # (error kind, operation, key): the key lets the listener tell an expected miss (a
+        # pointer that does not exist) from a fault; it must never reach a metric label.
+        self.on_error: Callable[[str, str, str], None] | None = None
         # Seconds one successful try took (operation, seconds): request-latency histograms.
         self.on_latency: Callable[[str, float], None] | None = None
 
@@ -240,7 +242,7 @@ class S3Client:
             except Exception as exc:  # noqa: BLE001 - classified below, never leaked raw
                 typed = self._classify(op, key, exc)
             if self.on_error is not None:
-                self.on_error(type(typed).__name__)
+                self.on_error(type(typed).__name__, op, key)
             if not typed.retryable or attempt == attempts:
                 if attempt > 1:
                     typed.args = (f"{typed.args[0]} (after {attempt} attempts)",)

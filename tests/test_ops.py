@@ -300,6 +300,47 @@ def test_gc_removes_damaged_segments_past_the_grace(store, s3_boto_client, bucke
     assert keys(store) == []
 
 
+def test_gc_deletes_a_named_segment_that_verify_found_corrupt(store, run_cli, s3_boto_client, bucket):
+    bad, layers = write(store, [41, 42], n_layers=3)
+    good, _ = write(store, [43], n_layers=3)
+    key = store.names(NS).layer_object(bad.segment_id, 0)
+    data = bytearray(layers[0])
+    data[7] ^= 1
+    s3_boto_client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+    code, out, _ = run_cli("inspect", "--verify")
+    assert code == 1 and f"CORRUPT segment {bad.segment_id} layer 0 chunk 0" in out
+
+    # gc reads no layer data, so it keeps a young, structurally whole segment until named.
+    assert run_cli("gc")[0] == 0 and len(ops.scan(store).segments) == 2
+    code, out, _ = run_cli("gc", "--segment", bad.segment_id[:6], "--dry-run")
+    assert code == 0 and f"would delete segment {bad.segment_id}" in out and "named (--segment)" in out
+    assert good.segment_id not in out.split("gc:")[0]
+    code, out, _ = run_cli("gc", "--segment", bad.segment_id[:6])
+    assert code == 0 and f"deleted segment {bad.segment_id}" in out
+    assert [s.segment_id for s in ops.scan(store).segments] == [good.segment_id]
+    assert store.read_pointer(NS, 41) is None and store.read_pointer(NS, 43) is not None
+    assert run_cli("inspect", "--verify")[0] == 0
+
+    for wanted in ("ffffffff", ""):
+        code, _, err = run_cli("gc", "--segment", wanted)
+        assert code == 2 and "match" in err
+    assert [s.segment_id for s in ops.scan(store).segments] == [good.segment_id]
+
+
+def test_unreadable_manifest_is_reported_then_collected_after_the_grace(store, run_cli, s3_boto_client, bucket):
+    m, _ = write(store, [51], n_layers=2)
+    key = store.names(NS).manifest_object(m.segment_id)
+    s3_boto_client.put_object(Bucket=bucket, Key=key, Body=b"{not a manifest")
+    code, out, _ = run_cli("inspect")
+    assert code == 1 and f"segment {m.segment_id}: manifest unreadable" in out
+    assert ops.gc(store).actions == []  # within the grace: left alone
+    rep = ops.gc(store, now=time.time() + 2 * 3600)
+    kinds = sorted((a.kind, a.done) for a in rep.actions)
+    # The segment (manifest + layers), then its pointer, which no readable manifest names.
+    assert kinds == [("orphan_pointer", True), ("segment", True)]
+    assert keys(store) == []
+
+
 def test_reader_during_gc_sees_correct_bytes_a_miss_or_a_typed_error(s3_endpoint, bucket, store):
     n_layers, tokens = 6, [32, 32]
     written = {}
