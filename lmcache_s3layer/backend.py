@@ -144,7 +144,8 @@ class S3LayerBackend(StoragePluginInterface):
             return False
         ns = self._ns(key)
         if pin:
-            return self.core.lookup(ns, [key.chunk_hash], pin=True, num_layers=self.num_layers) == 1
+            return self.core.lookup(ns, [key.chunk_hash], pin=True, num_layers=self.num_layers,
+                                    token_shape=self._token_shape) == 1
         return self.core.contains(ns, key.chunk_hash)
 
     def batched_contains(self, keys: List[CacheEngineKey], pin: bool = False) -> int:
@@ -154,9 +155,11 @@ class S3LayerBackend(StoragePluginInterface):
             return 0
         ns = self._ns(keys[0])
         if all(isinstance(k, LayerCacheEngineKey) for k in keys) and len({k.chunk_hash for k in keys}) == 1:
-            hit = self.core.lookup(ns, [keys[0].chunk_hash], pin=pin, num_layers=self.num_layers)
+            hit = self.core.lookup(ns, [keys[0].chunk_hash], pin=pin, num_layers=self.num_layers,
+                                   token_shape=self._token_shape)
             return len(keys) if hit else 0
-        return self.core.lookup(ns, [k.chunk_hash for k in keys], pin=pin, num_layers=self.num_layers)
+        return self.core.lookup(ns, [k.chunk_hash for k in keys], pin=pin, num_layers=self.num_layers,
+                                token_shape=self._token_shape)
 
     async def batched_async_contains(self, lookup_id: str, keys: List[CacheEngineKey], pin: bool = False) -> int:
         if self.core is None:

@@ -111,12 +111,19 @@ class S3LayerCore:
     # ---- lookup ----------------------------------------------------------------------------
 
     def lookup(self, ns: Namespace, chunk_hashes: Sequence[int], *, pin: bool, num_layers: int,
-               prefetch: bool | None = None) -> int:
-        """Prefix hit count: memory index, then pointer look-ups; pins and prefetches hits."""
+               prefetch: bool | None = None, token_shape: Sequence[int] | None = None) -> int:
+        """Prefix hit count: memory index, then pointer look-ups; pins and prefetches hits.
+
+        ``token_shape`` is the engine's per-token KV shape: a segment of another shape (another
+        model config under the same name) is a miss here, before anything is promised to the
+        scheduler, instead of a failed retrieval later."""
         locs = self.index.resolve(ns, chunk_hashes)
+        shape = tuple(token_shape) if token_shape is not None else None
         hits = 0
         for loc in locs:
             if loc is None or self._is_bad(loc.manifest.segment_id) or loc.manifest.num_layers != num_layers:
+                break
+            if shape is not None and tuple(loc.manifest.token_shape) != shape:
                 break
             hits += 1
         do_prefetch = self.cfg.prefetch_on_lookup if prefetch is None else prefetch

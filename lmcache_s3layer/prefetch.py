@@ -251,23 +251,36 @@ class Prefetcher:
         with self._lock:
             if self._closed:
                 raise RetrievalFailed("prefetcher is closed")
-            picks: list[tuple[Retrieval, int] | None] = [self._holder_locked(ns, loc, layer) for loc in locations]
-            missing = [i for i, p in enumerate(picks) if p is None]
-            if missing:
-                r = self._start_locked(ns, [locations[i] for i in missing], num_layers, layer, "retrieve")
-                for k, i in enumerate(missing):
-                    picks[i] = (r, k)
-            involved = {id(p[0]): p[0] for p in picks}.values()
-            for r in involved:
-                r.waiting_layer = layer
-                if r.taken_upto >= 0 and layer > r.taken_upto:
-                    r.consume_intervals.append(now - r.last_take)
-                r.last_take = now
-            self._admit_locked()
-            deadline = min(r.deadline for r in involved)
-            if timeout is not None:
-                deadline = min(deadline, now + timeout)
+            picks: list[tuple[Retrieval, int] | None] = [None] * len(locations)
+            involved: list[Retrieval] = []
+            deadline: float | None = None
             while True:
+                # (Re)pick a holder for every chunk whose holder can no longer serve it. Requests
+                # that share chunks share retrievals, so while we wait another consumer may take
+                # the layer (releasing our slot), or fail and cancel it: then we fetch our own
+                # copy instead of waiting for a buffer that will never come.
+                stale = [i for i, p in enumerate(picks) if p is None or not self._serves_locked(p, layer)]
+                if stale:
+                    missing = []
+                    for i in stale:
+                        picks[i] = self._holder_locked(ns, locations[i], layer)
+                        if picks[i] is None:
+                            missing.append(i)
+                    if missing:
+                        r = self._start_locked(ns, [locations[i] for i in missing], num_layers, layer, "retrieve")
+                        for k, i in enumerate(missing):
+                            picks[i] = (r, k)
+                    involved = list({id(p[0]): p[0] for p in picks}.values())
+                    for r in involved:
+                        if r.waiting_layer != layer and r.taken_upto >= 0 and layer > r.taken_upto:
+                            r.consume_intervals.append(now - r.last_take)
+                        r.waiting_layer = layer
+                        r.last_take = now
+                    self._admit_locked()
+                    if deadline is None:
+                        deadline = min(r.deadline for r in involved)
+                        if timeout is not None:
+                            deadline = min(deadline, now + timeout)
                 jobs = [r.jobs[layer] for r in involved]
                 failed = next((j for j in jobs if j.state == "failed"), None)
                 if failed is not None:
@@ -343,19 +356,23 @@ class Prefetcher:
         self.stats.retrievals += 1
         return r
 
+    def _serves_locked(self, pick: tuple[Retrieval, int], layer: int) -> bool:
+        r, slot = pick
+        job = r.jobs.get(layer)
+        return (not r.cancelled and job is not None and job.state != "taken"
+                and (job.state != "staged" or job.handles[slot] is not None))
+
     def _held_locked(self, ns, loc: Location, layer: int) -> bool:
         return self._holder_locked(ns, loc, layer) is not None
 
     def _holder_locked(self, ns, loc: Location, layer: int) -> tuple[Retrieval, int] | None:
         h = loc.manifest.chunk_hashes[loc.index]
         for r, slot in self._holders.get((ns, h), []):
-            job = r.jobs.get(layer)
             # Same segment only: a chunk's layers must all come from one committed segment.
             # A failed layer is returned too, so the caller sees the failure instead of
             # quietly starting another fetch of what was just found broken.
-            if (not r.cancelled and job is not None and job.state != "taken"
-                    and r.locations[slot].manifest.segment_id == loc.manifest.segment_id
-                    and (job.state != "staged" or job.handles[slot] is not None)):
+            if (r.locations[slot].manifest.segment_id == loc.manifest.segment_id
+                    and self._serves_locked((r, slot), layer)):
                 return r, slot
         return None
 
@@ -415,7 +432,18 @@ class Prefetcher:
         r = job.retrieval
         handles, views = [], []
         for tokens, nbytes in zip(r.chunk_tokens, r.chunk_bytes):
-            got = self.allocator.allocate(tokens, nbytes)
+            try:
+                got = self.allocator.allocate(tokens, nbytes)
+            except S3LayerError as exc:
+                # The stored shape does not fit this engine's buffers: the layer can never be
+                # served. Fail it (its consumer raises RetrievalFailed) rather than let the
+                # error escape into a worker thread or the admission loop.
+                for h in handles:
+                    self.allocator.release(h)
+                job.state, job.error = "failed", exc
+                self.stats.layers_failed += 1
+                self._cv.notify_all()
+                return False
             if got is None:  # the LMCache pool is full: try again when something is released
                 for h in handles:
                     self.allocator.release(h)

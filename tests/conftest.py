@@ -183,3 +183,15 @@ def pytest_unconfigure(config):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(_EXIT_STATUS)
+
+
+# Outcome lines that suites report (e.g. the fault soak's "faults injected: N, ..."): printed in
+# pytest's terminal summary so they show even under -q, where test output is captured.
+SUMMARY_LINES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    if SUMMARY_LINES:
+        terminalreporter.section("s3layer outcome summary")
+        for line in SUMMARY_LINES:
+            terminalreporter.write_line(line)

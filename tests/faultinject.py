@@ -108,9 +108,11 @@ class HttpFaults:
     operation is redrawn among those that do). Thread-safe."""
 
     def __init__(self, seed: int, rate: float = 0.0, mix: dict[str, float] | None = None,
-                 delay_s: float = 0.2, ops: Iterable[str] | None = None):
+                 delay_s: float = 0.2, ops: Iterable[str] | None = None, limit: int | None = None):
         self.rng = random.Random(seed)
         self.rate = rate
+        # At most this many faults, then none: "fail the next n tries" for policy tests.
+        self.limit = limit
         self.mix = dict(mix or DEFAULT_MIX)
         unknown = set(self.mix) - set(HTTP_KINDS)
         if unknown:
@@ -137,8 +139,11 @@ class HttpFaults:
         self._clients.clear()
 
     def set(self, rate: float | None = None, mix: dict[str, float] | None = None,
-            delay_s: float | None = None, ops: Iterable[str] | None | bool = False) -> None:
+            delay_s: float | None = None, ops: Iterable[str] | None | bool = False,
+            limit: int | None | bool = False) -> None:
         with self._lock:
+            if limit is not False:
+                self.limit = limit
             if rate is not None:
                 self.rate = rate
             if mix is not None:
@@ -165,6 +170,8 @@ class HttpFaults:
     def _draw(self, op: str) -> str | None:
         with self._lock:
             if self.rate <= 0 or (self.ops is not None and op not in self.ops):
+                return None
+            if self.limit is not None and sum(self.counts.values()) >= self.limit:
                 return None
             if self.rng.random() >= self.rate:
                 return None

@@ -223,6 +223,38 @@ def test_missing_layer_object_fails_retrieval(store):
         pf.close()
 
 
+def test_consumers_sharing_a_prefetch_each_get_their_layer(store):
+    # Two requests share a prompt's prefix, so both pick the one lookup-time retrieval. The
+    # first to take layer 0 retires it there; the second must get its chunks anyway (a fetch
+    # of its own), not wait on the released buffers until the deadline.
+    m, layers = make_segment(store, 3, [16, 16])
+    pf = Prefetcher(store, budget_bytes=1 << 30, workers=2, deadline_s=5)
+    store.client.gate.clear()
+    results, errors = {}, []
+
+    def consume(name, chunk_locs):
+        try:
+            results[name] = b"".join(bytes(b) for b in pf.get_layer(NS, 0, chunk_locs, 3))
+        except RetrievalFailed as exc:
+            errors.append(exc)
+
+    try:
+        pf.prefetch(NS, locs(m), 3)
+        a = threading.Thread(target=consume, args=("first", locs(m)[:1]))
+        b = threading.Thread(target=consume, args=("both", locs(m)))
+        a.start()
+        b.start()
+        time.sleep(0.2)  # both are waiting on the shared retrieval's layer 0
+        store.client.gate.set()
+        a.join(10)
+        b.join(10)
+        assert not errors, errors
+        assert results["first"] == layers[0][:16 * BPT]
+        assert results["both"] == layers[0]
+    finally:
+        pf.close()
+
+
 def test_chunks_from_two_segments_are_served_in_request_order(store):
     m1, l1 = make_segment(store, 2, [16, 16], seed=1)
     m2, l2 = make_segment(store, 2, [16, 7], seed=2)
