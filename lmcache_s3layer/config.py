@@ -194,10 +194,13 @@ def _validate(c: S3LayerConfig) -> None:
         )
     if not _BUCKET_RE.match(c.bucket):
         raise ConfigError(f"s3layer.bucket: {c.bucket!r} is not a valid S3 bucket name")
-    if not _PREFIX_RE.match(c.prefix) or ".." in c.prefix.split("/") or c.prefix.startswith("/"):
+    # '.' and '..' components are literal keys on S3 but collapsed by some S3 look-alikes and
+    # by every file-backed tool that mirrors a bucket, so they could alias another prefix.
+    if (not _PREFIX_RE.match(c.prefix) or c.prefix.startswith("/")
+            or any(part in (".", "..") for part in c.prefix.split("/"))):
         raise ConfigError(
             f"s3layer.prefix: {c.prefix!r} must be a relative key prefix of letters, digits "
-            "and !_.*'()-/ with no '..' component"
+            "and !_.*'()-/ with no '.' or '..' component"
         )
     if c.addressing_style not in ("auto", "path", "virtual"):
         raise ConfigError("s3layer.addressing_style must be one of auto, path, virtual")

@@ -109,8 +109,10 @@ def test_config_errors_are_clear():
         S3LayerConfig.from_extra_config({"s3layer.buckt": "x"})
     with pytest.raises(ConfigError, match="together"):
         S3LayerConfig(bucket="abc", access_key_id="x")
-    with pytest.raises(ConfigError, match="prefix"):
-        S3LayerConfig(bucket="abc", prefix="../escape")
+    for prefix in ("../escape", ".", "kv/./x", "/abs"):
+        with pytest.raises(ConfigError, match="prefix"):
+            S3LayerConfig(bucket="abc", prefix=prefix)
+    assert S3LayerConfig(bucket="abc", prefix="kv.cache/v.1").prefix == "kv.cache/v.1"
     c = S3LayerConfig.from_extra_config({"s3layer.bucket": "abc", "s3layer.staging_budget_bytes": "64MiB",
                                          "s3layer.verify_tls": "false", "other.key": 1})
     assert c.staging_budget_bytes == 64 * 1024**2 and c.verify_tls is False
