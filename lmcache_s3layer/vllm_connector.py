@@ -61,7 +61,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.lmcache_connector import LMCac
 
 from .errors import RetrievalFailed
 
-logger = logging.getLogger(__name__)
+# A child of vLLM's logger, so these lines reach vLLM's handler (the user's console) in
+# every worker process; a plain module logger has no handler there.
+logger = logging.getLogger("vllm.lmcache_s3layer")
 
 __all__ = ["S3LayerConnectorV1", "LoadFailureGuard", "ConnectorOptions"]
 
@@ -121,6 +123,19 @@ class S3LayerConnectorV1(LMCacheConnectorV1):
                 logger.info("s3layer: LMCache runs non-layerwise; the layerwise load-failure guard is idle")
 
     # ---- worker side ---------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        super().register_kv_caches(kv_caches)
+        # LMCache builds its engine (and picks its layerwise connector) here; say which one,
+        # so a user can tell "loads from S3" from LMCache's silent recompute-only mode.
+        engine = getattr(self._lmcache_engine, "lmcache_engine", None)
+        conn = getattr(engine, "gpu_connector", None)
+        if conn is None:
+            logger.warning("s3layer: LMCache has no KV connector in this worker: it will recompute, "
+                           "never load or store (on CPU: is the CPU connector switched off?)")
+        else:
+            logger.info("s3layer: LMCache KV connector in this worker: %s (layerwise: %s)",
+                        type(conn).__name__, getattr(self._lmcache_engine, "use_layerwise", None))
 
     def bind_connector_metadata(self, connector_metadata: Any) -> None:
         super().bind_connector_metadata(connector_metadata)
