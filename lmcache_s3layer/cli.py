@@ -522,6 +522,18 @@ def run_server(args: argparse.Namespace) -> int:
         return exc.code if isinstance(exc.code, int) else 2
 
 
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    from . import benchmarking  # light: lmcache and torch load only when the benchmark runs
+
+    benchmarking.add_pipeline_arguments(p)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from . import benchmarking
+
+    return benchmarking.run_pipeline(args)
+
+
 # --------------------------------------------------------------------------------------------
 # Registry and entry point
 
@@ -553,6 +565,12 @@ COMMANDS: dict[str, Command] = {
         "run a local SeaweedFS S3 server on 127.0.0.1 (python -m lmcache_s3layer.server)",
         add_server_arguments,
         run_server,
+    ),
+    "bench": Command(
+        "pipeline benchmark: TTFT of a prefix streamed from S3 through LMCache's retrieve_layer "
+        "(ours vs depth 1 vs LMCache's s3:// vs the bound); same as benchmarks/pipeline.py",
+        add_bench_arguments,
+        run_bench,
     ),
 }
 

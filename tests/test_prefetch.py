@@ -300,3 +300,64 @@ def test_scatter_splits_across_chunk_buffers():
     a, b, c = (memoryview(bytearray(n)) for n in (10, 5, 10))
     parts = _scatter([a, b, c], 8, 10)
     assert [len(p) for p in parts] == [2, 5, 3]
+
+
+def _wait_until(cond, timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return cond()
+
+
+def test_cancel_with_gets_in_flight_frees_buffers_when_they_land(store):
+    m, _ = make_segment(store, 6, [16, 16])
+    store.client.gate.clear()  # every GET hangs until released
+    alloc = CountingAllocator()
+    pf = Prefetcher(store, budget_bytes=1 << 30, workers=4, allocator=alloc)
+    try:
+        pf.prefetch(NS, locs(m), 6)
+        assert _wait_until(lambda: store.client.in_flight > 0)
+        assert pf.cancel_chunks(NS, [m.chunk_hashes[1]]) == 1
+        assert pf.active() == 0
+        store.client.gate.set()  # late parts land in buffers that must then be freed
+        assert pf.wait_idle(5)
+        assert alloc.live == 0 and pf.staging_bytes == 0
+        assert pf.stats.layers_taken == 0
+    finally:
+        store.client.gate.set()
+        pf.close()
+
+
+def test_unpin_does_not_cancel_a_retrieval_being_consumed(store):
+    m, layers = make_segment(store, 4, [16])
+    pf = Prefetcher(store, budget_bytes=1 << 30, workers=2)
+    try:
+        pf.prefetch(NS, locs(m), 4)
+        assert bytes(pf.get_layer(NS, 0, locs(m), 4)[0]) == layers[0]
+        # vLLM may unpin while the forward pass still reads this prefix: it must keep going
+        assert pf.cancel_chunks(NS, [m.chunk_hashes[0]]) == 0
+        for layer in range(1, 4):
+            assert bytes(pf.get_layer(NS, layer, locs(m), 4)[0]) == layers[layer]
+        assert pf.stats.retrievals == 1  # served by the lookup's prefetch, not refetched
+    finally:
+        pf.close()
+
+
+def test_depth_one_stages_at_most_the_next_layer(store):
+    """``prefetch_max_depth: 1`` (LMCache's own one-layer lookahead, the benchmark's
+    ``depth1``): never more than the layer asked for plus the next one."""
+    tokens = [16, 16]
+    m, layers = make_segment(store, 8, tokens)
+    layer_bytes = sum(tokens) * BPT
+    pf = Prefetcher(store, budget_bytes=1 << 30, workers=4, max_depth=1)
+    try:
+        for layer in range(8):
+            bufs = pf.get_layer(NS, layer, locs(m), 8)
+            assert b"".join(bytes(b) for b in bufs) == layers[layer]
+            assert pf.staging_bytes <= layer_bytes
+        assert 0 < pf.stats.peak_staging_bytes <= 2 * layer_bytes
+        assert len(store.client.gets) == 8
+    finally:
+        pf.close()
