@@ -175,8 +175,9 @@ class Prefetcher:
                  deadline_s: float = 30.0, idle_timeout_s: float = 30.0, layer_attempts: int = 2,
                  allocator: StagingAllocator | None = None, clock: Callable[[], float] = time.monotonic,
                  trace: bool = False, on_layer_fetched: Callable[[int, int, float], None] | None = None,
-                 on_fault: Callable[[str], None] | None = None):
+                 on_fault: Callable[[str], None] | None = None, head_part_bytes: int = 512 * 1024):
         self.store = store
+        self.head_part_bytes = head_part_bytes
         self.budget = budget_bytes
         self.max_depth = max_depth
         self.deadline_s = deadline_s
@@ -462,8 +463,15 @@ class Prefetcher:
         job.t_admit = self.clock()
         self._trace(job, "admit")
         parts = []
+        # The layer the forward pass needs next is the one latency lands on: split it finer, so
+        # it holds more of the link's connections than the read-ahead admitted beside it (at
+        # lookup, every layer's first byte arrives together and they share the bandwidth).
+        head = job.layer == r.waiting_layer or (r.taken_upto < job.layer == min(r.jobs))
+        part_size = None
+        if head:
+            part_size = min(self.store.part_size, max(self.head_part_bytes, -(-job.nbytes // _HEAD_SPLIT)))
         for run in r.runs:
-            read = self.store.plan_layer_read(run.manifest, job.layer, run.first, run.last)
+            read = self.store.plan_layer_read(run.manifest, job.layer, run.first, run.last, part_size)
             slot_views = [job.views[s] for s in run.slots]
             for part in read.parts:
                 parts.append((part, _scatter(slot_views, part.dest, part.length)))
@@ -636,6 +644,10 @@ class Prefetcher:
                         self.stats.idle_expired += 1
                         self._cancel_locked(r)
                 self._cv.wait(0.25)
+
+
+# How many GETs the head layer is split into at most (parts never below head_part_bytes).
+_HEAD_SPLIT = 8
 
 
 def _worth_retrying(error: Exception) -> bool:

@@ -166,9 +166,11 @@ class SegmentStore:
             return None
         return Pointer.decode(data, expect_hash=chunk_hash)
 
-    def plan_layer_read(self, manifest: Manifest, layer: int, first: int, last: int) -> LayerRead:
+    def plan_layer_read(self, manifest: Manifest, layer: int, first: int, last: int,
+                        part_size: int | None = None) -> LayerRead:
         """Coalesced: chunks first..last are contiguous in the layer object, so one range,
-        split into parts of ``part_size`` for parallel GETs."""
+        split into parts of ``part_size`` (default: the store's) for parallel GETs."""
+        part_size = part_size or self.part_size
         if not 0 <= layer < manifest.num_layers:
             raise FormatError(f"layer {layer} outside segment {manifest.segment_id} "
                               f"({manifest.num_layers} layers)")
@@ -177,7 +179,7 @@ class SegmentStore:
         parts = []
         pos = start
         while pos < end:
-            n = min(self.part_size, end - pos)
+            n = min(part_size, end - pos)
             parts.append(Part(key, pos, n, pos - start))
             pos += n
         return LayerRead(manifest, layer, first, last, tuple(parts))

@@ -75,7 +75,10 @@ def test_pipeline_quick_json(tmp_path):
         assert stock["reason"]
     else:
         assert stock["ttft_ms"] > 0 and stock["bytes"] == expected and stock["retrieved_tokens"] == out["tokens"]
+    local = out["local_cpu"]  # LMCache's own DRAM tier: the same hand-off, no S3
+    assert local["ttft_ms"] > 0 and local["gets"] == 0 and local["retrieved_tokens"] == out["tokens"]
     assert set(out["goals"]) >= {"ours_exposed_within_latency_plus_5pct_bound", "ours_peak_staging_within_budget",
-                                 "depth1_over_ours_exposed"}
+                                 "depth1_over_ours_exposed", "ours_over_local_cpu_ms"}
+    assert out["goals"]["ours_over_local_cpu_ms"] == pytest.approx(out["ours"]["ttft_ms"] - local["ttft_ms"], abs=0.05)
     png = Path(out["png"])
     assert png.exists() and png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"

@@ -255,6 +255,22 @@ def test_consumers_sharing_a_prefetch_each_get_their_layer(store):
         pf.close()
 
 
+def test_first_layer_is_split_finer_than_the_read_ahead(store):
+    # At lookup every admitted layer's first byte arrives together; the layer the forward pass
+    # needs first is split into more GETs so it takes more of the link than the read-ahead.
+    m, layers = make_segment(store, 4, [16, 16])  # 1 KiB per layer
+    pf = Prefetcher(store, budget_bytes=1 << 30, workers=4, head_part_bytes=256)
+    try:
+        pf.prefetch(NS, locs(m), 4)
+        for layer in range(4):
+            assert b"".join(bytes(b) for b in pf.get_layer(NS, layer, locs(m), 4)) == layers[layer]
+    finally:
+        pf.close()
+    per_layer = [sum(k.endswith(f"/L{l:04d}") for k in store.client.gets) for l in range(4)]
+    assert per_layer[0] == 4  # 1 KiB in parts of 256 bytes
+    assert per_layer[1:] == [1, 1, 1]  # read-ahead: one coalesced GET each
+
+
 def test_chunks_from_two_segments_are_served_in_request_order(store):
     m1, l1 = make_segment(store, 2, [16, 16], seed=1)
     m2, l2 = make_segment(store, 2, [16, 7], seed=2)
