@@ -114,6 +114,33 @@ def make_cpu_connector(spec: KVSpec, **kwargs: Any):
     )
 
 
+_SECRET_ENV = "S3LAYER_TEST_ENGINE_SECRET"
+
+
+def plugin_engine_config(ep, bucket: str, *, max_local_cpu_gb: Optional[float] = None, **s3layer) -> dict:
+    """LMCache config overrides for our plugin against endpoint ``ep`` (layerwise, LocalCPU as
+    the staging allocator only); ``s3layer`` items become ``s3layer.<name>`` settings.
+
+    The secret goes in as an ``env:`` reference, as the README tells users: LMCache logs its
+    whole config, ``extra_config`` included, so a literal would put it in every log the
+    secret-scanning tests read."""
+    os.environ[_SECRET_ENV] = ep.secret_key
+    extra = {
+        "storage_plugin.s3layer.module_path": "lmcache_s3layer.backend",
+        "storage_plugin.s3layer.class_name": "S3LayerBackend",
+        "s3layer.bucket": bucket,
+        "s3layer.endpoint_url": ep.endpoint_url,
+        "s3layer.access_key_id": ep.access_key,
+        "s3layer.secret_access_key": f"env:{_SECRET_ENV}",
+        "s3layer.region": ep.region,
+    }
+    extra.update({f"s3layer.{k}": v for k, v in s3layer.items()})
+    cfg = {"local_cpu": False, "storage_plugins": ["s3layer"], "extra_config": extra}
+    if max_local_cpu_gb is not None:
+        cfg["max_local_cpu_size"] = max_local_cpu_gb
+    return cfg
+
+
 def build_engine(
     config_overrides: Optional[dict],
     spec: KVSpec,

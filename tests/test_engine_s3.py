@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from engine_helpers import (KVSpec, build_engine, destroy_engine, fill_paged_kv_cache, make_paged_kv_cache,
+from engine_helpers import (plugin_engine_config, KVSpec, build_engine, destroy_engine, fill_paged_kv_cache, make_paged_kv_cache,
                             make_slot_mapping, make_tokens, run_retrieve_layer, run_store_layer,
                             snapshot_tokens)
 
@@ -25,20 +25,8 @@ SENTINEL = 7.0  # random bf16 data never equals it exactly
 
 
 def plugin_config(ep, bucket, **s3layer) -> dict:
-    extra = {
-        "storage_plugin.s3layer.module_path": "lmcache_s3layer.backend",
-        "storage_plugin.s3layer.class_name": "S3LayerBackend",
-        "s3layer.bucket": bucket,
-        "s3layer.endpoint_url": ep.endpoint_url,
-        "s3layer.access_key_id": ep.access_key,
-        "s3layer.secret_access_key": ep.secret_key,
-        "s3layer.region": ep.region,
-        "s3layer.prefix": "engine-test",
-        "s3layer.retry_base_s": 0.01,
-        "s3layer.retrieval_deadline_s": 20,
-    }
-    extra.update({f"s3layer.{k}": v for k, v in s3layer.items()})
-    return {"local_cpu": False, "storage_plugins": ["s3layer"], "extra_config": extra}
+    return plugin_engine_config(ep, bucket, prefix="engine-test", retry_base_s=0.01, retrieval_deadline_s=20,
+                                **s3layer)
 
 
 def backend_of(engine):

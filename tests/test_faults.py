@@ -34,7 +34,7 @@ import pytest
 import torch
 
 import conftest
-from engine_helpers import (LAYOUT_FLASH_ATTN, KVSpec, build_engine, destroy_engine, fill_paged_kv_cache,
+from engine_helpers import (plugin_engine_config, LAYOUT_FLASH_ATTN, KVSpec, build_engine, destroy_engine, fill_paged_kv_cache,
                             make_cpu_connector, make_paged_kv_cache, make_slot_mapping, make_tokens,
                             run_retrieve_layer, run_store_layer)
 from faultinject import HttpFaults, ObjectFaults
@@ -51,29 +51,10 @@ CALL_BOUND_S = DEADLINE_S * 3 + 10  # a call still running past this is a hang
 
 
 def plugin_config(ep, bucket, **s3layer) -> dict:
-    extra = {
-        "storage_plugin.s3layer.module_path": "lmcache_s3layer.backend",
-        "storage_plugin.s3layer.class_name": "S3LayerBackend",
-        "s3layer.bucket": bucket,
-        "s3layer.endpoint_url": ep.endpoint_url,
-        "s3layer.access_key_id": ep.access_key,
-        "s3layer.secret_access_key": ep.secret_key,
-        "s3layer.region": ep.region,
-        "s3layer.prefix": "faults",
-        "s3layer.retry_base_s": 0.001,
-        "s3layer.retry_max_backoff_s": 0.01,
-        "s3layer.retrieval_deadline_s": DEADLINE_S,
-        "s3layer.lookup_timeout_s": 2.0,
-        "s3layer.read_timeout_s": 3.0,
-        "s3layer.connect_timeout_s": 1.0,
-        "s3layer.segment_max_chunks": 2,
-        "s3layer.prefetch_idle_timeout_s": 5.0,
-        "s3layer.max_connections": 8,
-        "s3layer.put_workers": 4,
-    }
-    extra.update({f"s3layer.{k}": v for k, v in s3layer.items()})
-    return {"local_cpu": False, "storage_plugins": ["s3layer"], "extra_config": extra,
-            "max_local_cpu_size": 0.05}
+    settings = dict(prefix="faults", retry_base_s=0.001, retry_max_backoff_s=0.01, retrieval_deadline_s=DEADLINE_S,
+                    lookup_timeout_s=2.0, read_timeout_s=3.0, connect_timeout_s=1.0, segment_max_chunks=2,
+                    prefetch_idle_timeout_s=5.0, max_connections=8, put_workers=4)
+    return plugin_engine_config(ep, bucket, max_local_cpu_gb=0.05, **{**settings, **s3layer})
 
 
 def backend_of(engine):

@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from engine_helpers import (LAYOUT_FLASH_ATTN, KVSpec, build_engine, destroy_engine, make_cpu_connector,
+from engine_helpers import (plugin_engine_config, LAYOUT_FLASH_ATTN, KVSpec, build_engine, destroy_engine, make_cpu_connector,
                             make_tokens, make_token_kv, write_token_kv)
 
 pytestmark = pytest.mark.load
@@ -40,24 +40,9 @@ SENTINEL = 7.0
 
 
 def plugin_config(ep, bucket, budget) -> dict:
-    extra = {
-        "storage_plugin.s3layer.module_path": "lmcache_s3layer.backend",
-        "storage_plugin.s3layer.class_name": "S3LayerBackend",
-        "s3layer.bucket": bucket,
-        "s3layer.endpoint_url": ep.endpoint_url,
-        "s3layer.access_key_id": ep.access_key,
-        "s3layer.secret_access_key": ep.secret_key,
-        "s3layer.region": ep.region,
-        "s3layer.prefix": "load",
-        "s3layer.retry_base_s": 0.005,
-        "s3layer.retrieval_deadline_s": 20,
-        "s3layer.staging_budget_bytes": budget,
-        "s3layer.prefetch_idle_timeout_s": 2.0,
-        "s3layer.segment_max_chunks": 2,
-        "s3layer.max_connections": 8,
-    }
-    return {"local_cpu": False, "storage_plugins": ["s3layer"], "extra_config": extra,
-            "max_local_cpu_size": 0.05}
+    return plugin_engine_config(ep, bucket, max_local_cpu_gb=0.05, prefix="load", retry_base_s=0.005,
+                                retrieval_deadline_s=20, staging_budget_bytes=budget, prefetch_idle_timeout_s=2.0,
+                                segment_max_chunks=2, max_connections=8)
 
 
 class Lanes:
