@@ -725,12 +725,10 @@ def measure_bandwidth(bed: Testbed, bucket: str, prefix: str, part_size: int, co
 
 
 def _plugin_run(bed: Testbed, engine, prompt: Prompt, compute_s: float, gap_s: float) -> dict:
-    from .prefetch import PrefetchStats
-
     pf = plugin_backend(engine).core.prefetcher
     pf.wait_idle(5.0)
     pf.trace = []
-    pf.stats = PrefetchStats()  # counters and the staging peak of this run only
+    pf.stats.__init__()  # counters and the staging peak of this run only (in place: metrics hold it)
     before = bed.responses()
     tl = retrieve_layerwise_timed(engine, prompt, compute_s, gap_s=gap_s)
     requests = bed.responses() - before

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
+from types import SimpleNamespace
 from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
@@ -68,7 +69,8 @@ class Metrics:
         self.fetch_bytes = Histogram("s3layer_layer_fetch_bytes", "Bytes of one fetched layer",
                                      buckets=_BYTE_BUCKETS, registry=r)
         self._cores: "weakref.WeakSet[Any]" = weakref.WeakSet()
-        r.register(_StateCollector(self._cores))
+        self._counted: list[_Counted] = []
+        r.register(_StateCollector(self._cores, self._counted))
         self._server = None
         self._serve_lock = threading.Lock()
         self.server_port: int | None = None
@@ -82,6 +84,7 @@ class Metrics:
 
     def bind_core(self, core: Any) -> None:
         self._cores.add(core)
+        self._counted.append(_Counted(core))
         core.client.on_request = self.request
         core.client.on_error = self.client_fault
         core.client.on_latency = self.request_latency
@@ -177,14 +180,30 @@ def _sum(cores: list, fn: Callable[[Any], float]) -> float:
     return total
 
 
-class _StateCollector:
-    """Values read at scrape time from the live cores (no polling thread)."""
+class _Counted:
+    """The stats objects a core's counters are read from, kept after the core is gone: a
+    Prometheus counter must never go down, and summing over live cores only would drop a
+    closed engine's requests from the totals."""
 
-    def __init__(self, cores):
+    __slots__ = ("client", "prefetcher", "index")
+
+    def __init__(self, core: Any):
+        self.client = SimpleNamespace(stats=core.client.stats)
+        self.prefetcher = SimpleNamespace(stats=core.prefetcher.stats)
+        self.index = SimpleNamespace(stats=core.index.stats)
+
+
+class _StateCollector:
+    """Values read at scrape time (no polling thread): gauges from the live cores, counters
+    from every core this process ever bound."""
+
+    def __init__(self, cores, counted: list[_Counted]):
         self._cores = cores
+        self._counted = counted
 
     def collect(self):
         cores = list(self._cores)
+        counted = list(self._counted)
         gauges = {
             "s3layer_staging_bytes": ("Bytes staged by the prefetch pipeline",
                                       lambda c: c.prefetcher.staging_bytes),
@@ -215,28 +234,28 @@ class _StateCollector:
         }
         for name, (doc, fn) in counters.items():
             fam = CounterMetricFamily(name, doc)
-            fam.add_metric([], _sum(cores, fn))
+            fam.add_metric([], _sum(counted, fn))
             yield fam
 
         layers = CounterMetricFamily("s3layer_prefetch_layers", "Prefetched layers by outcome", labels=["outcome"])
         for outcome, attr in (("staged", "layers_staged"), ("taken", "layers_taken"),
                               ("evicted", "layers_evicted"), ("failed", "layers_failed")):
-            layers.add_metric([outcome], _sum(cores, lambda c, a=attr: getattr(c.prefetcher.stats, a)))
+            layers.add_metric([outcome], _sum(counted, lambda c, a=attr: getattr(c.prefetcher.stats, a)))
         yield layers
 
         retr = CounterMetricFamily("s3layer_prefetch_retrievals", "Retrievals started, and how they ended early",
                                    labels=["outcome"])
         for outcome, attr in (("started", "retrievals"), ("cancelled", "cancelled"),
                               ("idle_expired", "idle_expired")):
-            retr.add_metric([outcome], _sum(cores, lambda c, a=attr: getattr(c.prefetcher.stats, a)))
+            retr.add_metric([outcome], _sum(counted, lambda c, a=attr: getattr(c.prefetcher.stats, a)))
         yield retr
 
         res = CounterMetricFamily("s3layer_index_resolutions", "Chunk look-ups by where the answer came from",
                                   labels=["source"])
         for source, attr in (("memory", "memory_hits"), ("remote", "remote_hits"), ("miss", "misses")):
-            res.add_metric([source], _sum(cores, lambda c, a=attr: getattr(c.index.stats, a)))
+            res.add_metric([source], _sum(counted, lambda c, a=attr: getattr(c.index.stats, a)))
         yield res
 
         bad = CounterMetricFamily("s3layer_index_bad_objects", "Malformed or inconsistent pointers/manifests seen")
-        bad.add_metric([], _sum(cores, lambda c: c.index.stats.bad_objects))
+        bad.add_metric([], _sum(counted, lambda c: c.index.stats.bad_objects))
         yield bad

@@ -151,7 +151,6 @@ def test_fresh_engine_loads_prefix_from_s3(runs):
     assert s.get("layer_fetch_seconds_count", 0) >= LAYERS  # every layer came from the store
     assert sorted(int(k) for k in s["stall_n"]) == list(range(LAYERS))  # waited on per layer
     assert s["events"].get("retrieval_failed", 0) == 0
-    assert "LMCache hit tokens: %d" % _full_chunks(PROMPT_LEN) in runs["load"]["log"]
 
 
 def test_generated_tokens_equal_those_without_cache(runs):
