@@ -69,6 +69,17 @@ class MemoryObjAllocator:
         handle.ref_count_down()
 
 
+def _warn_on_literal_secrets(extra: dict) -> None:
+    """LMCache has already logged its whole configuration, extra_config included, by the time
+    a plugin is built: a literal secret there is in the log. Say so (never the value)."""
+    for key in ("s3layer.secret_access_key", "s3layer.session_token"):
+        value = extra.get(key)
+        if isinstance(value, str) and value and not value.startswith("env:"):
+            log.warning("%s is written literally in LMCache's extra_config, so LMCache's start-up "
+                        "log line of its configuration contains it; use env:NAME or the AWS "
+                        "credential chain instead, and rotate this secret", key)
+
+
 class S3LayerBackend(StoragePluginInterface):
     def __init__(self, dst_device: str = "cpu", config=None, metadata=None, local_cpu_backend=None, loop=None):
         super().__init__(dst_device=dst_device, config=config, metadata=metadata,
@@ -78,6 +89,7 @@ class S3LayerBackend(StoragePluginInterface):
         self._handed: dict[tuple, list[MemoryObj]] = {}
         self._handed_lock = threading.Lock()
         extra = dict(getattr(config, "extra_config", None) or {})
+        _warn_on_literal_secrets(extra)
         fail_fast = str(extra.get("s3layer.fail_fast", "true")).lower() not in ("0", "false", "no", "off")
         extra.pop("s3layer.fail_fast", None)
         try:

@@ -322,9 +322,14 @@ def unique_bucket(prefix: str = "s3layer-bench") -> str:
 # LMCache engine on CPU (logic from tests/engine_helpers.py)
 
 
+_BENCH_SECRET_ENV = "S3LAYER_BENCH_SECRET"
+
+
 def plugin_engine_values(bed: Testbed, bucket: str, prefix: str, *, max_local_cpu_gb: float,
                          **s3layer: Any) -> dict:
-    """LMCache config (plain keys) for our plugin, layerwise, no LocalCPU cache tier."""
+    """LMCache config (plain keys) for our plugin, layerwise, no LocalCPU cache tier. The
+    secret is an ``env:`` reference, as users are told to write it (LMCache logs its config)."""
+    os.environ[_BENCH_SECRET_ENV] = bed.secret_key
     extra = {
         "storage_plugin.s3layer.module_path": "lmcache_s3layer.backend",
         "storage_plugin.s3layer.class_name": "S3LayerBackend",
@@ -332,7 +337,7 @@ def plugin_engine_values(bed: Testbed, bucket: str, prefix: str, *, max_local_cp
         "s3layer.prefix": prefix,
         "s3layer.endpoint_url": bed.endpoint_url,
         "s3layer.access_key_id": bed.access_key,
-        "s3layer.secret_access_key": bed.secret_key,
+        "s3layer.secret_access_key": f"env:{_BENCH_SECRET_ENV}",
         "s3layer.region": bed.region,
     }
     extra.update({f"s3layer.{k}": v for k, v in s3layer.items()})

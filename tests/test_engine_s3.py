@@ -278,6 +278,14 @@ def test_guard_wrong_credentials_without_leaking_the_secret(s3_endpoint, bucket,
     assert secret not in msg and secret not in caplog.text
 
 
+def test_literal_secret_in_extra_config_is_warned_about_without_repeating_it(s3_endpoint, bucket, caplog):
+    engine = build_engine(plugin_config(s3_endpoint, bucket, secret_access_key=s3_endpoint.secret_key), SPEC)
+    destroy_engine(engine)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "lmcache_s3layer.backend"
+                and "written literally" in r.getMessage()]
+    assert warnings and all(s3_endpoint.secret_key not in w for w in warnings)
+
+
 def test_guard_failed_construction_is_not_swallowed(s3_endpoint, bucket):
     # LMCache's launcher catches Exception and merely logs it; our error must escape.
     cfg = plugin_config(s3_endpoint, bucket, staging_budget_bytes=-1)
