@@ -156,16 +156,11 @@ SOAK_OBJECT_KINDS = ("flip_layer", "delete_layer", "delete_manifest", "delete_po
 WHEN = ("before_lookup", "between_lookup_and_retrieve", "mid_retrieval")
 
 
-def segment_keys(admin, bucket: str) -> dict[str, dict]:
-    """segment id -> {'manifest': key, 'layers': [keys], 'dir': ...} for every segment present."""
+def segment_keys(admin, bucket: str, prefix: str = "faults/") -> dict[str, dict]:
+    """segment id -> {'manifest': key, 'layers': [keys]} for every segment under ``prefix``."""
     out: dict[str, dict] = {}
-    token = None
-    while True:
-        kw = {"Bucket": bucket, "Prefix": "faults/"}
-        if token:
-            kw["ContinuationToken"] = token
-        resp = admin.list_objects_v2(**kw)
-        for o in resp.get("Contents", []):
+    for page in admin.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for o in page.get("Contents", []):
             m = re.search(r"/seg/[0-9a-f]{2}/([0-9a-f]{32})/(manifest\.json|L\d{4})$", o["Key"])
             if m:
                 d = out.setdefault(m.group(1), {"manifest": None, "layers": []})
@@ -173,9 +168,7 @@ def segment_keys(admin, bucket: str) -> dict[str, dict]:
                     d["manifest"] = o["Key"]
                 else:
                     d["layers"].append(o["Key"])
-        if not resp.get("IsTruncated"):
-            return out
-        token = resp["NextContinuationToken"]
+    return out
 
 
 def pointer_key(engine, tokens, chunk: int) -> str:
@@ -592,7 +585,7 @@ def _damage(kind, s3, bucket, core, hashes, chunk=0, layer=2, seed=0):
     obj = ObjectFaults(s3, bucket, seed=seed)
     names = core.store.names(NS)
     pkey = names.pointer_object(hashes[chunk])
-    segs = segment_keys_prefix(s3, bucket, core.cfg.prefix + "/")
+    segs = segment_keys(s3, bucket, core.cfg.prefix + "/")
     (sid, seg), = segs.items()
     if kind == "delete_pointer":
         obj.delete(pkey, kind)
@@ -613,19 +606,6 @@ def _damage(kind, s3, bucket, core, hashes, chunk=0, layer=2, seed=0):
     else:
         raise ValueError(kind)
     return obj
-
-
-def segment_keys_prefix(s3, bucket, prefix):
-    out: dict[str, dict] = {}
-    for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", []):
-        m = re.search(r"/seg/[0-9a-f]{2}/([0-9a-f]{32})/(manifest\.json|L\d{4})$", o["Key"])
-        if m:
-            d = out.setdefault(m.group(1), {"manifest": None, "layers": []})
-            if m.group(2) == "manifest.json":
-                d["manifest"] = o["Key"]
-            else:
-                d["layers"].append(o["Key"])
-    return out
 
 
 @pytest.mark.timeout(60)
