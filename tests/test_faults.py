@@ -215,8 +215,10 @@ def apply_object_fault(kind: str, obj: ObjectFaults, admin, bucket: str, engine,
             obj.foreign_manifest(seg["manifest"], kind)
         elif kind == "malformed_manifest":
             obj.malformed(seg["manifest"], kind)
-    except Exception as exc:  # noqa: BLE001 - the object vanished under an earlier fault
-        if "NoSuchKey" in repr(exc):
+    except Exception as exc:  # noqa: BLE001 - the object vanished or was mangled by an earlier fault
+        # The injector itself cannot rewrite what an earlier round already deleted or made
+        # unparseable; that round's fault stands, and this one is not applied (nor counted).
+        if "NoSuchKey" in repr(exc) or isinstance(exc, (ValueError, KeyError, TypeError)):
             return None
         raise
     return c
