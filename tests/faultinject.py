@@ -325,6 +325,29 @@ class ObjectFaults:
         self.s3.delete_object(Bucket=self.bucket, Key=key)
         self._count(kind)
 
+    def apply(self, kind: str, *, pointer: str, manifest: str | None = None, layer: str | None = None,
+              flips: int = 1) -> None:
+        """One object fault of ``kind`` on a chunk's pointer, its segment's manifest, or one of
+        the segment's layer objects."""
+        if kind == "delete_pointer":
+            self.delete(pointer, kind)
+        elif kind == "malformed_pointer":
+            self.malformed(pointer, kind)
+        elif kind == "stale_pointer":
+            self.stale_pointer(pointer)
+        elif kind == "delete_manifest":
+            self.delete(manifest, kind)
+        elif kind.startswith("foreign"):
+            self.foreign_manifest(manifest, kind)
+        elif kind == "malformed_manifest":
+            self.malformed(manifest, kind)
+        elif kind == "flip_layer":
+            self.flip_bytes(layer, n=flips)
+        elif kind == "delete_layer":
+            self.delete(layer, kind)
+        else:
+            raise ValueError(f"unknown object fault {kind!r}")
+
     def foreign_manifest(self, manifest_key: str, kind: str) -> None:
         """Rewrite the manifest as one another model/dtype/shape would have written under this
         key: well-formed, self-consistent, and not ours."""

@@ -193,28 +193,13 @@ def apply_object_fault(kind: str, obj: ObjectFaults, admin, bucket: str, engine,
     sid = chunk_segment(admin, bucket, pkey)
     seg = segment_keys(admin, bucket).get(sid) if sid else None
     try:
-        if kind == "delete_pointer":
-            obj.delete(pkey, kind)
-        elif kind == "malformed_pointer":
-            obj.malformed(pkey, kind)
-        elif kind == "stale_pointer":
-            obj.stale_pointer(pkey)
-        elif seg is None or (kind.endswith("manifest") or kind.startswith("foreign")) and not seg["manifest"]:
-            return None
-        elif kind == "flip_layer":
-            if not seg["layers"]:
+        if not kind.endswith("pointer"):
+            if seg is None or (kind.endswith("manifest") or kind.startswith("foreign")) and not seg["manifest"]:
                 return None
-            obj.flip_bytes(rng.choice(seg["layers"]), n=1 + rng.randrange(3))
-        elif kind == "delete_layer":
-            if not seg["layers"]:
+            if kind.endswith("layer") and not seg["layers"]:
                 return None
-            obj.delete(rng.choice(seg["layers"]), kind)
-        elif kind == "delete_manifest":
-            obj.delete(seg["manifest"], kind)
-        elif kind.startswith("foreign"):
-            obj.foreign_manifest(seg["manifest"], kind)
-        elif kind == "malformed_manifest":
-            obj.malformed(seg["manifest"], kind)
+        layer = rng.choice(seg["layers"]) if kind.endswith("layer") else None
+        obj.apply(kind, pointer=pkey, manifest=seg and seg["manifest"], layer=layer, flips=1 + rng.randrange(3))
     except Exception as exc:  # noqa: BLE001 - the object vanished or was mangled by an earlier fault
         # The injector itself cannot rewrite what an earlier round already deleted or made
         # unparseable; that round's fault stands, and this one is not applied (nor counted).
@@ -589,24 +574,8 @@ def _damage(kind, s3, bucket, core, hashes, chunk=0, layer=2, seed=0):
     pkey = names.pointer_object(hashes[chunk])
     segs = segment_keys(s3, bucket, core.cfg.prefix + "/")
     (sid, seg), = segs.items()
-    if kind == "delete_pointer":
-        obj.delete(pkey, kind)
-    elif kind == "malformed_pointer":
-        obj.malformed(pkey, kind)
-    elif kind == "stale_pointer":
-        obj.stale_pointer(pkey)
-    elif kind == "delete_manifest":
-        obj.delete(seg["manifest"], kind)
-    elif kind.startswith("foreign"):
-        obj.foreign_manifest(seg["manifest"], kind)
-    elif kind == "malformed_manifest":
-        obj.malformed(seg["manifest"], kind)
-    elif kind == "flip_layer":
-        obj.flip_bytes(sorted(seg["layers"])[layer], n=3)
-    elif kind == "delete_layer":
-        obj.delete(sorted(seg["layers"])[layer], kind)
-    else:
-        raise ValueError(kind)
+    layer_key = sorted(seg["layers"])[layer] if kind.endswith("layer") else None
+    obj.apply(kind, pointer=pkey, manifest=seg["manifest"], layer=layer_key, flips=3)
     return obj
 
 
