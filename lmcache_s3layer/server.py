@@ -494,6 +494,7 @@ class LocalS3Server:
                         timeout=max(1.0, deadline - time.monotonic()),
                         is_alive=lambda: self._proc is not None and self._proc.poll() is None,
                     )
+                    self._wait_for_volumes(deadline)
                     break
                 except LocalS3ServerError:
                     # weed exits at once when an explicit port is taken: a race with another
@@ -520,6 +521,30 @@ class LocalS3Server:
             self._kill_and_reap()
             self._release_lock()
             raise
+
+    def _wait_for_volumes(self, deadline: float) -> None:
+        """After a restart, S3 answers before the volume server's first heartbeat has told the
+        master about the volumes already on disk; until then a GET of an existing object is a
+        500 InternalError. Wait until the master counts every volume file we have (bounded by
+        the start-up deadline; on timeout the server is used as it is)."""
+        import urllib.request
+
+        on_disk = len(list(self.weed_dir.glob("*.dat")))
+        if on_disk == 0:
+            return
+        url = f"http://127.0.0.1:{self.ports['master']}/dir/status"
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    topo = json.loads(resp.read()).get("Topology") or {}
+                known = sum(int(node.get("Volumes") or 0)
+                            for dc in topo.get("DataCenters") or [] for rack in dc.get("Racks") or []
+                            for node in rack.get("DataNodes") or [])
+                if known >= on_disk:
+                    return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.1)
 
     def stop(self, timeout: float = _STOP_TIMEOUT_S) -> None:
         """Stop weed (SIGTERM, SIGKILL after ``timeout``); idempotent."""
