@@ -10,10 +10,14 @@ Scheduling, in one place (``_admit``):
 - priority is (retrieval start order, layer): earlier requests and earlier layers first, over
   one shared pool of part workers;
 - a layer is *admitted* (its staging buffers allocated, its parts queued) only while the
-  staged bytes stay within ``budget_bytes``; a layer larger than the whole budget is admitted
-  alone. When the layer a consumer is blocked on cannot fit, staged layers of *later*
-  retrievals that nobody waits on yet are evicted (re-fetched later): retrievals advanced in
-  lockstep by vLLM could otherwise deadlock on each other's staged memory;
+  staged bytes stay within ``budget_bytes``; one consumer's layer larger than the whole budget
+  is admitted alone. When a layer a consumer is blocked on cannot fit, staged layers nobody
+  waits on are evicted (re-fetched later);
+- a consumer's chunks often span several retrievals (overlapping prompts share lookup-time
+  fetches), so a consumer may hold staged parts of its layer while it waits for the rest: with
+  many consumers that is hold-and-wait, and a full budget would stall them all until the
+  deadline. Waits are ordered by arrival, and the oldest wait with a part still to admit may
+  also evict parts that *younger* waits hold: the oldest always completes, so every wait does;
 - depth *k*: before consumption starts, as deep as the budget allows (the forward pass is not
   running yet, so there is nothing to overlap with but time); afterwards, just enough layers to
   cover one layer's fetch time at the measured consumption rate (``adaptive_depth``), so
@@ -97,8 +101,18 @@ class _LayerJob:
     attempts: int = 0
     error: Exception | None = None
     generation: int = 0  # bumps on eviction so late parts of an old attempt are ignored
+    waiters: int = 0  # consumers blocked on this job now
     t_admit: float = 0.0
     t_done: float = 0.0
+
+
+@dataclass(eq=False)
+class _Wait:
+    """One consumer blocked in ``get_layer``: the jobs (one per involved retrieval) it needs."""
+
+    seq: int  # arrival order: the deadlock-breaking priority
+    layer: int
+    jobs: list[_LayerJob] = field(default_factory=list)
 
 
 @dataclass
@@ -132,7 +146,8 @@ class Retrieval:
         self.layer_bytes = sum(self.chunk_bytes)
         self.jobs = {l: _LayerJob(self, l, self.layer_bytes) for l in range(first_layer, num_layers)}
         self.cancelled = False
-        self.waiting_layer: int | None = None
+        self.waiting_layer: int | None = None  # the layer last waited on (consumption rate)
+        self.waiters = 0  # consumers blocked on one of its layers now
         self.taken_upto = first_layer - 1  # highest layer handed out
         self.done_event = threading.Event()
 
@@ -195,6 +210,8 @@ class Prefetcher:
         self._cv = threading.Condition(self._lock)
         self._retrievals: dict[int, Retrieval] = {}
         self._holders: dict[tuple[Namespace, int], list[tuple[Retrieval, int]]] = {}
+        self._waits: dict[int, _Wait] = {}  # by arrival, oldest first
+        self._wait_seq = itertools.count()
         self._staged_bytes = 0
         self._queue: list[tuple[tuple, int, Any]] = []
         self._seq = itertools.count()
@@ -252,63 +269,81 @@ class Prefetcher:
         with self._lock:
             if self._closed:
                 raise RetrievalFailed("prefetcher is closed")
-            picks: list[tuple[Retrieval, int] | None] = [None] * len(locations)
-            involved: list[Retrieval] = []
-            deadline: float | None = None
-            while True:
-                # (Re)pick a holder for every chunk whose holder can no longer serve it. Requests
-                # that share chunks share retrievals, so while we wait another consumer may take
-                # the layer (releasing our slot), or fail and cancel it: then we fetch our own
-                # copy instead of waiting for a buffer that will never come.
-                stale = [i for i, p in enumerate(picks) if p is None or not self._serves_locked(p, layer)]
-                if stale:
-                    missing = []
-                    for i in stale:
-                        picks[i] = self._holder_locked(ns, locations[i], layer)
-                        if picks[i] is None:
-                            missing.append(i)
-                    if missing:
-                        r = self._start_locked(ns, [locations[i] for i in missing], num_layers, layer, "retrieve")
-                        for k, i in enumerate(missing):
-                            picks[i] = (r, k)
-                    involved = list({id(p[0]): p[0] for p in picks}.values())
-                    for r in involved:
-                        if r.waiting_layer != layer and r.taken_upto >= 0 and layer > r.taken_upto:
-                            r.consume_intervals.append(now - r.last_take)
-                        r.waiting_layer = layer
-                        r.last_take = now
-                    self._admit_locked()
-                    if deadline is None:
-                        deadline = min(r.deadline for r in involved)
-                        if timeout is not None:
-                            deadline = min(deadline, now + timeout)
-                jobs = [r.jobs[layer] for r in involved]
-                failed = next((j for j in jobs if j.state == "failed"), None)
-                if failed is not None:
-                    err = failed.error
-                    for r in involved:
-                        self._cancel_locked(r)
-                    raise RetrievalFailed(f"layer {layer}: {err}") from err
-                if all(j.state == "staged" for j in jobs):
-                    break
-                left = deadline - self.clock()
-                if left <= 0 or self._closed:
-                    for r in involved:
-                        self._cancel_locked(r)
-                    raise RetrievalFailed(f"layer {layer} not fetched and verified within the "
-                                          f"retrieval deadline ({self.deadline_s:.1f} s)")
-                self._cv.wait(min(left, 0.5))
-            out = []
-            for p in picks:
-                r, slot = p
-                out.append(r.jobs[layer].handles[slot])
-                r.jobs[layer].handles[slot] = None
-            for r in involved:
-                self._retire_layer_locked(r, layer)
-                r.waiting_layer = None
-                r.taken_upto = max(r.taken_upto, layer)
-            self._admit_locked()
-            return out
+            wait = _Wait(next(self._wait_seq), layer)
+            self._waits[wait.seq] = wait
+            try:
+                return self._await_layer_locked(wait, ns, locations, num_layers, now, timeout)
+            finally:
+                self._set_wait_jobs_locked(wait, [])
+                del self._waits[wait.seq]
+
+    def _await_layer_locked(self, wait: _Wait, ns: Namespace, locations: Sequence[Location], num_layers: int,
+                            now: float, timeout: float | None) -> list[Any]:
+        layer = wait.layer
+        picks: list[tuple[Retrieval, int] | None] = [None] * len(locations)
+        involved: list[Retrieval] = []
+        deadline: float | None = None
+        while True:
+            # (Re)pick a holder for every chunk whose holder can no longer serve it. Requests
+            # that share chunks share retrievals, so while we wait another consumer may take
+            # the layer (releasing our slot), or fail and cancel it: then we fetch our own
+            # copy instead of waiting for a buffer that will never come.
+            stale = [i for i, p in enumerate(picks) if p is None or not self._serves_locked(p, layer)]
+            if stale:
+                missing = []
+                for i in stale:
+                    picks[i] = self._holder_locked(ns, locations[i], layer)
+                    if picks[i] is None:
+                        missing.append(i)
+                if missing:
+                    r = self._start_locked(ns, [locations[i] for i in missing], num_layers, layer, "retrieve")
+                    for k, i in enumerate(missing):
+                        picks[i] = (r, k)
+                involved = list({id(p[0]): p[0] for p in picks}.values())
+                for r in involved:
+                    if r.waiting_layer != layer and r.taken_upto >= 0 and layer > r.taken_upto:
+                        r.consume_intervals.append(now - r.last_take)
+                    r.waiting_layer = layer
+                    r.last_take = now
+                self._set_wait_jobs_locked(wait, [r.jobs[layer] for r in involved])
+                if deadline is None:
+                    deadline = min(r.deadline for r in involved)
+                    if timeout is not None:
+                        deadline = min(deadline, now + timeout)
+            jobs = wait.jobs
+            failed = next((j for j in jobs if j.state == "failed"), None)
+            if failed is not None:
+                err = failed.error
+                for r in involved:
+                    self._cancel_locked(r)
+                self._admit_locked()
+                raise RetrievalFailed(f"layer {layer}: {err}") from err
+            if all(j.state == "staged" for j in jobs):
+                break
+            if any(j.state == "waiting" for j in jobs):
+                # Memory freed by a release or a cancellation elsewhere is noticed here too,
+                # not only when some fetch completes.
+                self._admit_locked()
+            left = deadline - self.clock()
+            if left <= 0 or self._closed:
+                for r in involved:
+                    self._cancel_locked(r)
+                self._admit_locked()
+                raise RetrievalFailed(f"layer {layer} not fetched and verified in time: waited "
+                                      f"{self.clock() - now:.1f} s, up to the retrieval deadline")
+            self._cv.wait(min(left, 0.5))
+        out = []
+        for p in picks:
+            r, slot = p
+            out.append(r.jobs[layer].handles[slot])
+            r.jobs[layer].handles[slot] = None
+        self._set_wait_jobs_locked(wait, [])
+        for r in involved:
+            self._retire_layer_locked(r, layer)
+            r.waiting_layer = None
+            r.taken_upto = max(r.taken_upto, layer)
+        self._admit_locked()
+        return out
 
     def cancel_chunks(self, ns: Namespace, hashes: Sequence[int]) -> int:
         """Unpin/abort: drop every retrieval holding any of these chunks that no one waits on."""
@@ -318,9 +353,11 @@ class Prefetcher:
                 for r, _ in list(self._holders.get((ns, h), [])):
                     # Only retrievals nobody has started consuming: one whose layers are being
                     # handed out belongs to a forward pass in progress.
-                    if r.waiting_layer is None and r.taken_upto < min(r.jobs, default=0) and not r.cancelled:
+                    if r.waiters == 0 and r.taken_upto < min(r.jobs, default=0) and not r.cancelled:
                         self._cancel_locked(r)
                         n += 1
+            if n:
+                self._admit_locked()
         return n
 
     def cancel(self, r: Retrieval) -> None:
@@ -348,6 +385,15 @@ class Prefetcher:
         self._janitor.join(timeout=5)
 
     # ---- bookkeeping (all under self._lock) ------------------------------------------------
+
+    def _set_wait_jobs_locked(self, wait: _Wait, jobs: list[_LayerJob]) -> None:
+        for j in wait.jobs:
+            j.waiters -= 1
+            j.retrieval.waiters -= 1
+        wait.jobs = jobs
+        for j in jobs:
+            j.waiters += 1
+            j.retrieval.waiters += 1
 
     def _start_locked(self, ns, locations, num_layers, first_layer, source) -> Retrieval:
         r = Retrieval(ns, locations, num_layers, first_layer, source, self.clock(), self.deadline_s)
@@ -379,14 +425,23 @@ class Prefetcher:
 
     def _admit_locked(self) -> None:
         order = sorted((r for r in self._retrievals.values() if not r.cancelled), key=lambda r: r.id)
-        # 1) Layers a consumer is blocked on, whatever their priority: with retrievals advanced
-        #    in lockstep, an earlier request may be waiting on a later one's progress.
-        for r in order:
-            job = r.jobs.get(r.waiting_layer) if r.waiting_layer is not None else None
-            if job is not None and job.state == "waiting":
-                if not self._fits_locked(job.nbytes, urgent=True, r=r) or not self._allocate_locked(job):
-                    continue
+        # 1) Layers a consumer is blocked on, whatever their retrieval's priority: with
+        #    retrievals advanced in lockstep, an earlier request may be waiting on a later one's
+        #    progress. Oldest wait first; only the oldest with a part left to admit may evict
+        #    what younger waits hold (see the module docstring: no hold-and-wait stall).
+        preempt = True
+        for wait in list(self._waits.values()):
+            pending = [j for j in wait.jobs if j.state == "waiting" and not j.retrieval.cancelled]
+            if not pending:
+                continue
+            for job in pending:
+                if not self._fits_locked(job.nbytes, wait=wait, preempt=preempt) or not self._allocate_locked(job):
+                    if preempt:
+                        # What it freed is its own: younger waits taking it would starve it.
+                        return
+                    break
                 self._enqueue_locked(job)
+            preempt = False
         # 2) Read-ahead in strict priority: nothing later jumps ahead of a layer that does not fit.
         for r in order:
             base = r.taken_upto + 1
@@ -396,33 +451,45 @@ class Prefetcher:
                 job = r.jobs.get(layer)
                 if job is None or job.state != "waiting":
                     continue
-                if not self._fits_locked(job.nbytes, urgent=False, r=r) or not self._allocate_locked(job):
+                if self._staged_bytes + job.nbytes > self.budget and self._staged_bytes > 0:
+                    return
+                if not self._allocate_locked(job):
                     return
                 self._enqueue_locked(job)
 
-    def _fits_locked(self, nbytes: int, urgent: bool, r: Retrieval) -> bool:
+    def _fits_locked(self, nbytes: int, wait: _Wait, preempt: bool) -> bool:
+        """Room for one more part of ``wait``'s layer, evicting for it if need be."""
         if self._staged_bytes + nbytes <= self.budget:
             return True
-        if self._staged_bytes == 0:
-            return True  # a single layer bigger than the whole budget runs alone
-        if urgent:
-            self._evict_for_locked(nbytes, r)
-            return self._staged_bytes + nbytes <= self.budget or self._staged_bytes == 0
-        return False
+        self._evict_for_locked(nbytes, wait, preempt)
+        own = sum(j.nbytes for j in wait.jobs if j.handles)
+        # Nothing else staged: this consumer's layer runs alone, however large (as a single
+        # layer larger than the whole budget does), or it could never be served.
+        return self._staged_bytes + nbytes <= self.budget or self._staged_bytes == own
 
-    def _evict_for_locked(self, nbytes: int, keep: Retrieval) -> None:
-        """Free staged layers nobody waits on: read-ahead beyond each retrieval's next layer
-        first (later retrievals, furthest layers first), then next layers of retrievals that are
-        not waiting. They are fetched again when their turn comes."""
+    def _evict_for_locked(self, nbytes: int, wait: _Wait, preempt: bool) -> None:
+        """Free staged layers to make room for ``wait``: read-ahead nobody waits on first
+        (beyond each retrieval's next layer first, later retrievals and furthest layers
+        first); then, for the oldest wait only, parts younger waits hold (youngest first).
+        Evicted layers are fetched again when their turn comes."""
         def head(r: Retrieval) -> int:
             return r.taken_upto + 1
 
-        candidates = [j for r in self._retrievals.values() if r is not keep and not r.cancelled
-                      for j in r.jobs.values() if j.state == "staged" and r.waiting_layer != j.layer]
-        candidates.sort(key=lambda j: (j.layer == head(j.retrieval), -j.retrieval.id, -j.layer))
-        for job in candidates:
+        idle = [j for r in self._retrievals.values() if not r.cancelled
+                for j in r.jobs.values() if j.state == "staged" and j.waiters == 0]
+        idle.sort(key=lambda j: (j.layer == head(j.retrieval), -j.retrieval.id, -j.layer))
+        held: list[_LayerJob] = []
+        if preempt:
+            older = {id(j) for w in self._waits.values() if w.seq <= wait.seq for j in w.jobs}
+            for w in reversed(list(self._waits.values())):
+                if w.seq <= wait.seq:
+                    break
+                held += [j for j in w.jobs if j.state == "staged" and id(j) not in older]
+        for job in idle + held:
             if self._staged_bytes + nbytes <= self.budget:
                 return
+            if job.state != "staged":  # already evicted: shared by two younger waits
+                continue
             self._release_job_locked(job)
             job.state = "waiting"
             job.generation += 1
@@ -466,7 +533,7 @@ class Prefetcher:
         # The layer the forward pass needs next is the one latency lands on: split it finer, so
         # it holds more of the link's connections than the read-ahead admitted beside it (at
         # lookup, every layer's first byte arrives together and they share the bandwidth).
-        head = job.layer == r.waiting_layer or (r.taken_upto < job.layer == min(r.jobs))
+        head = job.waiters > 0 or (r.taken_upto < job.layer == min(r.jobs))
         part_size = None
         if head:
             part_size = min(self.store.part_size, max(self.head_part_bytes, -(-job.nbytes // _HEAD_SPLIT)))
@@ -637,12 +704,15 @@ class Prefetcher:
                 if self._closed:
                     return
                 now = self.clock()
-                for r in list(self._retrievals.values()):
-                    if r.waiting_layer is None and now - r.last_take > self.idle_timeout_s:
-                        log.info("prefetch of %d chunks idle for %.0f s: releasing its memory",
-                                 len(r.hashes), now - r.last_take)
-                        self.stats.idle_expired += 1
-                        self._cancel_locked(r)
+                expired = [r for r in self._retrievals.values()
+                           if r.waiters == 0 and now - r.last_take > self.idle_timeout_s]
+                for r in expired:
+                    log.info("prefetch of %d chunks idle for %.0f s: releasing its memory",
+                             len(r.hashes), now - r.last_take)
+                    self.stats.idle_expired += 1
+                    self._cancel_locked(r)
+                if expired:
+                    self._admit_locked()
                 self._cv.wait(0.25)
 
 

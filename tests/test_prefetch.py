@@ -377,3 +377,87 @@ def test_depth_one_stages_at_most_the_next_layer(store):
         assert len(store.client.gets) == 8
     finally:
         pf.close()
+
+
+def test_a_consumer_holding_part_of_its_layer_gets_the_rest(store):
+    """A consumer's chunks span two retrievals: the small one is staged, the big one does not
+    fit beside it. Holding one part while waiting for the other must not stall until the
+    deadline: one layer of one consumer is served even when it is larger than the budget,
+    as a single layer larger than the budget is."""
+    small, ls = make_segment(store, 2, [16], seed=5)
+    big, lb = make_segment(store, 2, [16, 16, 16], seed=6)
+    unit = 16 * BPT
+    pf = Prefetcher(store, budget_bytes=3 * unit, workers=2, max_depth=1)
+    try:
+        pf.prefetch(NS, locs(small), 2)
+        assert _wait_until(lambda: pf.stats.layers_staged >= 1)
+        pf.prefetch(NS, locs(big), 2)  # 3 units beside the staged 1: does not fit
+        for layer in range(2):
+            got = pf.get_layer(NS, layer, locs(small) + locs(big), 2, timeout=3)
+            assert b"".join(bytes(b) for b in got) == ls[layer] + lb[layer]
+        assert pf.stats.peak_staging_bytes <= 4 * unit  # the budget, or one consumer's layer
+    finally:
+        pf.close()
+
+
+class JitterClient(FakeClient):
+    def __init__(self, seed: int):
+        super().__init__()
+        self.rng = random.Random(seed)
+
+    def get_range_into(self, key, start, out):
+        with self.lock:
+            delay = self.rng.random() * 0.004
+        time.sleep(delay)
+        return super().get_range_into(key, start, out)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_consumers_spanning_shared_retrievals_never_stall_under_a_tight_budget(seed):
+    """Requests overlap: each consumer's chunks are held by several lookup-time retrievals,
+    some shared with other consumers that advance at their own pace. With far less staging
+    memory than they want, every consumer still gets every layer, correct, well before the
+    deadline (no hold-and-wait between consumers)."""
+    store = SegmentStore(JitterClient(seed), "p")
+    n_layers = 6
+    segs = [make_segment(store, n_layers, [16, 16], seed=100 * seed + i) for i in range(8)]
+    chunks = [(m, i, [lay[l][i * 16 * BPT:(i + 1) * 16 * BPT] for l in range(n_layers)])
+              for m, lay in segs for i in range(m.num_chunks)]
+    unit = 16 * BPT
+    pf = Prefetcher(store, budget_bytes=5 * unit, workers=6, deadline_s=20)
+    errors, rounds = [], [0]
+
+    def consumer(k):
+        rng = random.Random(1000 * seed + k)
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end and not errors:
+            picked = rng.sample(chunks, rng.randint(2, 4))
+            ls = [Location(m, i) for m, i, _ in picked]
+            pf.prefetch(NS, ls, n_layers)
+            for layer in range(n_layers):
+                try:
+                    got = pf.get_layer(NS, layer, ls, n_layers, timeout=5)
+                except RetrievalFailed as exc:
+                    errors.append(f"consumer {k} layer {layer}: {exc}")
+                    return
+                if [bytes(b) for b in got] != [want[layer] for _, _, want in picked]:
+                    errors.append(f"consumer {k} layer {layer}: wrong bytes")
+                    return
+                time.sleep(rng.random() * 0.002)
+            rounds[0] += 1
+
+    threads = [threading.Thread(target=consumer, args=(k,), daemon=True) for k in range(6)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads)
+        assert not errors, errors[:3]
+        assert rounds[0] >= 6
+        # Over the budget only for one consumer's layer alone: up to 4 chunks, each held by a
+        # retrieval of up to 4 chunks.
+        assert pf.stats.peak_staging_bytes <= 16 * unit
+        assert pf.stats.layers_evicted > 0  # the budget was tight enough to matter
+    finally:
+        pf.close()
