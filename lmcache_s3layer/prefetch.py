@@ -480,11 +480,14 @@ class Prefetcher:
         idle.sort(key=lambda j: (j.layer == head(j.retrieval), -j.retrieval.id, -j.layer))
         held: list[_LayerJob] = []
         if preempt:
-            older = {id(j) for w in self._waits.values() if w.seq <= wait.seq for j in w.jobs}
+            # Not the parts of older waits, nor of complete ones: their consumers are about to
+            # take them, which frees the memory without a refetch.
+            kept = {id(j) for w in self._waits.values()
+                    if w.seq <= wait.seq or all(j.state == "staged" for j in w.jobs) for j in w.jobs}
             for w in reversed(list(self._waits.values())):
                 if w.seq <= wait.seq:
                     break
-                held += [j for j in w.jobs if j.state == "staged" and id(j) not in older]
+                held += [j for j in w.jobs if j.state == "staged" and id(j) not in kept]
         for job in idle + held:
             if self._staged_bytes + nbytes <= self.budget:
                 return
