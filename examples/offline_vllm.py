@@ -155,6 +155,8 @@ def scrape(port: int) -> dict:
                 out[s.name.replace("s3layer_", "")] = s.value
             elif s.name == "s3layer_requests_total":
                 out.setdefault("requests", {})[s.labels["op"]] = s.value
+            elif s.name == "s3layer_prefetch_shared_copies_total":
+                out["shared_copies"] = s.value
     return out
 
 

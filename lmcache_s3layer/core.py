@@ -39,6 +39,7 @@ class LookupBatcher:
         self._quiet = quiet_s
         self._lock = threading.Condition()
         self._batch: list[Location] = []
+        self._keys: set[tuple[str, int]] = set()
         self._ns: Namespace | None = None
         self._layers = 0
         self._last = 0.0
@@ -48,9 +49,13 @@ class LookupBatcher:
 
     def add(self, ns: Namespace, loc: Location, num_layers: int) -> None:
         with self._lock:
-            if self._batch and (ns != self._ns or num_layers != self._layers):
+            key = (loc.manifest.segment_id, loc.index)
+            # A chunk already in the batch means another lookup began (requests of one batch
+            # share a prefix): fetch it once, not once per request in one retrieval.
+            if self._batch and (ns != self._ns or num_layers != self._layers or key in self._keys):
                 self._flush_locked()
             self._batch.append(loc)
+            self._keys.add(key)
             self._ns, self._layers, self._last = ns, num_layers, time.monotonic()
             self._lock.notify()
 
@@ -61,7 +66,7 @@ class LookupBatcher:
     def _flush_locked(self) -> None:
         if self._batch:
             batch, ns, layers = self._batch, self._ns, self._layers
-            self._batch = []
+            self._batch, self._keys = [], set()
             try:
                 self._start(ns, batch, layers)
             except Exception as exc:  # noqa: BLE001 - a failed prefetch is only a slower retrieval
@@ -102,7 +107,8 @@ class S3LayerCore:
             self.store, budget_bytes=cfg.staging_budget_bytes, workers=cfg.max_connections,
             max_depth=cfg.prefetch_max_depth, deadline_s=cfg.retrieval_deadline_s,
             idle_timeout_s=cfg.prefetch_idle_timeout_s, allocator=allocator, trace=trace,
-            on_layer_fetched=self.metrics.layer_fetched, on_fault=self.metrics.fault)
+            on_layer_fetched=self.metrics.layer_fetched, on_fault=self.metrics.fault,
+            interest=self.index.pins)
         self.batcher = LookupBatcher(self._start_prefetch)
         self._bad_segments: dict[str, float] = {}
         self._lock = threading.Lock()

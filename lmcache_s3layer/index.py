@@ -130,6 +130,11 @@ class ChunkIndex:
                 self._pins[key] = n - 1
             return True
 
+    def pins(self, ns: Namespace, chunk_hash: int) -> int:
+        """Look-ups that pinned this chunk and have not unpinned it: requests that will load it."""
+        with self._lock:
+            return self._pins.get((ns, normalize_hash(chunk_hash)), 0)
+
     def pinned_count(self) -> int:
         with self._lock:
             return sum(self._pins.values())

@@ -231,6 +231,9 @@ class _StateCollector:
                                       lambda c: c.client.stats.bytes_written),
             "s3layer_retries": ("Object-store tries repeated after a retryable error",
                                 lambda c: c.client.stats.retries),
+            "s3layer_prefetch_shared_copies": ("(chunk, layer) buffers copied for another request of a batch "
+                                               "sharing the prefix, instead of fetched again",
+                                               lambda c: c.prefetcher.stats.chunks_copied),
         }
         for name, (doc, fn) in counters.items():
             fam = CounterMetricFamily(name, doc)

@@ -23,6 +23,9 @@ Scheduling, in one place (``_admit``):
   cover one layer's fetch time at the measured consumption rate (``adaptive_depth``), so
   memory is left for other retrievals.
 
+Requests sharing a prefix share retrievals; a chunk of a layer that another request will take
+too is copied for it at hand-off (``_keep_copy_locked``), so one batch reads each object once.
+
 A layer is handed out whole and verified, or the call raises ``RetrievalFailed``: never partial.
 """
 
@@ -102,6 +105,7 @@ class _LayerJob:
     error: Exception | None = None
     generation: int = 0  # bumps on eviction so late parts of an old attempt are ignored
     waiters: int = 0  # consumers blocked on this job now
+    takes: list[int] = field(default_factory=list)  # per chunk: consumers it was handed to
     t_admit: float = 0.0
     t_done: float = 0.0
 
@@ -113,6 +117,7 @@ class _Wait:
     seq: int  # arrival order: the deadlock-breaking priority
     layer: int
     jobs: list[_LayerJob] = field(default_factory=list)
+    picks: list[tuple["Retrieval", int] | None] = field(default_factory=list)  # (holder, slot) per chunk
 
 
 @dataclass
@@ -149,6 +154,7 @@ class Retrieval:
         self.waiting_layer: int | None = None  # the layer last waited on (consumption rate)
         self.waiters = 0  # consumers blocked on one of its layers now
         self.taken_upto = first_layer - 1  # highest layer handed out
+        self.takers = [0] * len(self.locations)  # per chunk: most consumers it went to in one layer
         self.done_event = threading.Event()
 
     @property
@@ -178,6 +184,7 @@ class PrefetchStats:
     layers_taken: int = 0
     layers_evicted: int = 0
     layers_failed: int = 0
+    chunks_copied: int = 0  # (chunk, layer) buffers copied for another request sharing a prefix
     gets: int = 0
     bytes_fetched: int = 0
     cancelled: int = 0
@@ -190,7 +197,8 @@ class Prefetcher:
                  deadline_s: float = 30.0, idle_timeout_s: float = 30.0, layer_attempts: int = 2,
                  allocator: StagingAllocator | None = None, clock: Callable[[], float] = time.monotonic,
                  trace: bool = False, on_layer_fetched: Callable[[int, int, float], None] | None = None,
-                 on_fault: Callable[[str], None] | None = None, head_part_bytes: int = 512 * 1024):
+                 on_fault: Callable[[str], None] | None = None, head_part_bytes: int = 512 * 1024,
+                 interest: Callable[[Namespace, int], int] | None = None):
         self.store = store
         self.head_part_bytes = head_part_bytes
         self.budget = budget_bytes
@@ -206,6 +214,10 @@ class Prefetcher:
         # Checksum failures are found here, after the S3 client saw a successful response,
         # so the client's own error hook never hears of them.
         self._on_fault = on_fault
+        # How many requests will load a chunk (the look-ups that pinned it): a batch stepped in
+        # lockstep takes a layer one request after the other, so the first taker cannot see
+        # the second waiting yet.
+        self._interest = interest
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._retrievals: dict[int, Retrieval] = {}
@@ -254,7 +266,12 @@ class Prefetcher:
         with self._lock:
             if self._closed:
                 return None
-            fresh = [loc for loc in locations if not self._held_locked(ns, loc, first_layer)]
+            fresh, seen = [], set()
+            for loc in locations:
+                key = (loc.manifest.segment_id, loc.index)
+                if key not in seen and not self._held_locked(ns, loc, first_layer):
+                    seen.add(key)
+                    fresh.append(loc)
             if not fresh:
                 return None
             r = self._start_locked(ns, fresh, num_layers, first_layer, source)
@@ -274,6 +291,7 @@ class Prefetcher:
             try:
                 return self._await_layer_locked(wait, ns, locations, num_layers, now, timeout)
             finally:
+                wait.picks = []
                 self._set_wait_jobs_locked(wait, [])
                 del self._waits[wait.seq]
 
@@ -281,6 +299,7 @@ class Prefetcher:
                             now: float, timeout: float | None) -> list[Any]:
         layer = wait.layer
         picks: list[tuple[Retrieval, int] | None] = [None] * len(locations)
+        wait.picks = picks
         involved: list[Retrieval] = []
         deadline: float | None = None
         while True:
@@ -332,18 +351,63 @@ class Prefetcher:
                 raise RetrievalFailed(f"layer {layer} not fetched and verified in time: waited "
                                       f"{self.clock() - now:.1f} s, up to the retrieval deadline")
             self._cv.wait(min(left, 0.5))
+        # Requests sharing a prefix share buffers: a chunk another consumer will take too is
+        # copied for it before the staged buffer is handed out, so each layer object is read
+        # once per burst of such requests, not once per request.
+        wait.picks = []  # from here on this consumer is not one of the others
         out = []
-        for p in picks:
-            r, slot = p
-            out.append(r.jobs[layer].handles[slot])
-            r.jobs[layer].handles[slot] = None
-        self._set_wait_jobs_locked(wait, [])
+        for r, slot in picks:
+            job = r.jobs[layer]
+            out.append(job.handles[slot])
+            job.handles[slot] = None
+            if not job.takes:
+                job.takes = [0] * len(job.handles)
+            job.takes[slot] += 1
+            r.takers[slot] = max(r.takers[slot], job.takes[slot])
+            if self._awaited_locked(job, slot):
+                self._keep_copy_locked(job, slot)
         for r in involved:
-            self._retire_layer_locked(r, layer)
             r.waiting_layer = None
             r.taken_upto = max(r.taken_upto, layer)
+        self._set_wait_jobs_locked(wait, [])  # retires what no one else will take
         self._admit_locked()
         return out
+
+    def _awaited_locked(self, job: _LayerJob, slot: int) -> bool:
+        """Will another consumer take this chunk of this layer? One waiting on it, or on an
+        earlier layer of it (consumers go layer by layer), or, when fewer took it than took it
+        in some layer or than requests pinned it, one in a batch that has not asked yet."""
+        r = job.retrieval
+        taken = job.takes[slot] if job.takes else 0
+        if r.takers[slot] > taken:
+            return True
+        if self._interest is not None and self._interest(r.ns, r.hashes[slot]) > taken:
+            return True
+        return any(w.layer <= job.layer and any(p is not None and p[0] is r and p[1] == slot for p in w.picks)
+                   for w in self._waits.values())
+
+    def _keep_copy_locked(self, job: _LayerJob, slot: int) -> None:
+        """Before ``slot``'s staged buffer (still valid: not yet returned) goes to its consumer,
+        copy it into a fresh one kept in the job for the next consumer."""
+        r = job.retrieval
+        try:
+            got = self.allocator.allocate(r.chunk_tokens[slot], r.chunk_bytes[slot])
+        except S3LayerError:
+            got = None
+        if got is None:  # no memory for a copy: the next consumer fetches its own
+            return
+        view = memoryview(got[1]).cast("B")
+        view[:] = job.views[slot]
+        job.handles[slot], job.views[slot] = got[0], view
+        self.stats.chunks_copied += 1
+
+    def _maybe_retire_locked(self, job: _LayerJob) -> None:
+        """Retire a layer handed out in part once nobody waits on it nor will take the rest."""
+        if job.state != "staged" or not job.takes or job.waiters > 0:
+            return
+        if any(h is not None and self._awaited_locked(job, s) for s, h in enumerate(job.handles)):
+            return  # if that consumer never comes, eviction or idle expiry frees it
+        self._retire_layer_locked(job.retrieval, job.layer)
 
     def cancel_chunks(self, ns: Namespace, hashes: Sequence[int]) -> int:
         """Unpin/abort: drop every retrieval holding any of these chunks that no one waits on."""
@@ -356,6 +420,9 @@ class Prefetcher:
                     if r.waiters == 0 and r.taken_upto < min(r.jobs, default=0) and not r.cancelled:
                         self._cancel_locked(r)
                         n += 1
+                    else:  # a copy kept for this request is not needed any more
+                        for job in list(r.jobs.values()):
+                            self._maybe_retire_locked(job)
             if n:
                 self._admit_locked()
         return n
@@ -387,13 +454,14 @@ class Prefetcher:
     # ---- bookkeeping (all under self._lock) ------------------------------------------------
 
     def _set_wait_jobs_locked(self, wait: _Wait, jobs: list[_LayerJob]) -> None:
-        for j in wait.jobs:
-            j.waiters -= 1
-            j.retrieval.waiters -= 1
-        wait.jobs = jobs
-        for j in jobs:
+        old, wait.jobs = wait.jobs, jobs
+        for j in jobs:  # first, so a job in both lists is never seen unwaited
             j.waiters += 1
             j.retrieval.waiters += 1
+        for j in old:
+            j.waiters -= 1
+            j.retrieval.waiters -= 1
+            self._maybe_retire_locked(j)
 
     def _start_locked(self, ns, locations, num_layers, first_layer, source) -> Retrieval:
         r = Retrieval(ns, locations, num_layers, first_layer, source, self.clock(), self.deadline_s)

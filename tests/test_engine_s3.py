@@ -98,6 +98,42 @@ def test_partial_prefix_hit_loads_exactly_the_prefix(s3_endpoint, bucket):
         destroy_engine(engine)
 
 
+def test_a_batch_of_requests_with_one_prefix_reads_each_byte_once(s3_endpoint, bucket):
+    """Two requests for the same cached prompt in one batch (a shared system prompt): vLLM
+    looks both up, then steps their layerwise retrievals in lockstep. Both load bit-identical
+    KV, and every layer of the prompt is read from S3 once, not once per request."""
+    tokens = make_tokens(80, seed=21)
+    caches = make_paged_kv_cache(SPEC, BLOCKS, BLOCK, seed=22)
+    slots = make_slot_mapping(160, BLOCKS, BLOCK, seed=23)
+    lanes = {"req-a": slots[:80], "req-b": slots[80:]}
+    want = snapshot_tokens(caches, lanes["req-a"])
+    store_prompt(s3_endpoint, bucket, tokens, caches, lanes["req-a"])
+
+    fetched = {}
+    for batch in ({"req-a": lanes["req-a"]}, lanes):  # one request alone, then both
+        engine = build_engine(plugin_config(s3_endpoint, bucket), SPEC)
+        try:
+            for req in batch:
+                assert lookup(engine, tokens, req) == 80
+            fill_paged_kv_cache(caches, SENTINEL)
+            gens = [engine.retrieve_layer(tokens, kvcaches=list(caches), slot_mapping=s, sync=True, req_id=req)
+                    for req, s in batch.items()]
+            for _ in range(SPEC.num_layers + 2):
+                for g in gens:
+                    next(g)
+            for req, s in batch.items():
+                engine.lookup_unpin(req)
+                assert torch.equal(snapshot_tokens(caches, s), want), req
+            prefetcher = backend_of(engine).core.prefetcher
+            assert prefetcher.wait_idle(5) and prefetcher.staging_bytes == 0
+            fetched[len(batch)] = (prefetcher.stats.gets, prefetcher.stats.bytes_fetched)
+            # one request alone copies nothing; the second of two gets a copy of every chunk
+            assert prefetcher.stats.chunks_copied == (len(batch) - 1) * 5 * SPEC.num_layers
+        finally:
+            destroy_engine(engine)
+    assert fetched[2] == fetched[1]
+
+
 def test_storage_manager_batched_put_and_layerwise_batched_get(s3_endpoint, bucket):
     engine = build_engine(plugin_config(s3_endpoint, bucket), SPEC)
     try:

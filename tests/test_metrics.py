@@ -146,6 +146,7 @@ def test_engine_store_and_layerwise_retrieve_move_the_metrics(s3_endpoint, bucke
             assert m.value("s3layer_staging_bytes") == 0  # every staged layer was handed back
             assert m.value("s3layer_staging_peak_bytes") >= layer_bytes
             assert m.value("s3layer_prefetch_layers_total", {"outcome": "taken"}) >= SPEC.num_layers
+            assert m.value("s3layer_prefetch_shared_copies_total", {}) == 0  # one request: nothing shared
             assert m.value("s3layer_staging_budget_bytes") > 0
 
             text = m.text()

@@ -461,3 +461,41 @@ def test_consumers_spanning_shared_retrievals_never_stall_under_a_tight_budget(s
         assert pf.stats.layers_evicted > 0  # the budget was tight enough to matter
     finally:
         pf.close()
+
+
+def test_requests_with_the_same_prefix_fetch_each_layer_once(store):
+    """A burst of requests sharing a system prompt: both look up (the second finds the chunks
+    already being fetched), both load every layer. The one who takes a layer first gets the
+    staged buffers, the other a copy: each layer object is read once, not once per request."""
+    m, layers = make_segment(store, 4, [16, 16])
+    pf = Prefetcher(store, budget_bytes=1 << 30, workers=2, deadline_s=5)
+    store.client.gate.clear()
+    results, errors = {"a": [], "b": []}, []
+
+    def consume(name):
+        try:
+            for layer in range(4):
+                got = pf.get_layer(NS, layer, locs(m), 4)
+                results[name].append(b"".join(bytes(b) for b in got))
+        except RetrievalFailed as exc:
+            errors.append(exc)
+
+    try:
+        pf.prefetch(NS, locs(m), 4)
+        assert pf.prefetch(NS, locs(m), 4) is None  # the second lookup joins the first
+        threads = [threading.Thread(target=consume, args=(n,)) for n in results]
+        for t in threads:
+            t.start()
+        time.sleep(0.2)  # both wait on layer 0
+        store.client.gate.set()
+        for t in threads:
+            t.join(10)
+        assert not errors, errors
+        assert results["a"] == results["b"] == layers
+        assert pf.stats.retrievals == 1
+        per_layer = [sum(k.endswith(f"/L{l:04d}") for k in store.client.gets) for l in range(4)]
+        assert per_layer == [1, 1, 1, 1]
+        assert pf.wait_idle(5) and pf.staging_bytes == 0
+    finally:
+        store.client.gate.set()
+        pf.close()
