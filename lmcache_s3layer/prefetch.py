@@ -355,6 +355,7 @@ class Prefetcher:
         # copied for it before the staged buffer is handed out, so each layer object is read
         # once per burst of such requests, not once per request.
         wait.picks = []  # from here on this consumer is not one of the others
+        wanted = self._wanted_locked(layer)
         out = []
         for r, slot in picks:
             job = r.jobs[layer]
@@ -364,7 +365,7 @@ class Prefetcher:
                 job.takes = [0] * len(job.handles)
             job.takes[slot] += 1
             r.takers[slot] = max(r.takers[slot], job.takes[slot])
-            if self._awaited_locked(job, slot):
+            if self._awaited_locked(job, slot, wanted):
                 self._keep_copy_locked(job, slot)
         for r in involved:
             r.waiting_layer = None
@@ -373,18 +374,22 @@ class Prefetcher:
         self._admit_locked()
         return out
 
-    def _awaited_locked(self, job: _LayerJob, slot: int) -> bool:
-        """Will another consumer take this chunk of this layer? One waiting on it, or on an
-        earlier layer of it (consumers go layer by layer), or, when fewer took it than took it
-        in some layer or than requests pinned it, one in a batch that has not asked yet."""
+    def _wanted_locked(self, layer: int) -> set[tuple[int, int]]:
+        """(retrieval id, slot) of every chunk a consumer waits on at ``layer`` or earlier:
+        consumers go layer by layer, so each will want it at ``layer`` too."""
+        return {(p[0].id, p[1]) for w in self._waits.values() if w.layer <= layer for p in w.picks if p}
+
+    def _awaited_locked(self, job: _LayerJob, slot: int, wanted: set[tuple[int, int]]) -> bool:
+        """Will another consumer take this chunk of this layer? One in ``wanted``, or, when
+        fewer took it than took it in some layer or than requests pinned it, one in a batch
+        that has not asked yet."""
         r = job.retrieval
         taken = job.takes[slot] if job.takes else 0
         if r.takers[slot] > taken:
             return True
         if self._interest is not None and self._interest(r.ns, r.hashes[slot]) > taken:
             return True
-        return any(w.layer <= job.layer and any(p is not None and p[0] is r and p[1] == slot for p in w.picks)
-                   for w in self._waits.values())
+        return (r.id, slot) in wanted
 
     def _keep_copy_locked(self, job: _LayerJob, slot: int) -> None:
         """Before ``slot``'s staged buffer (still valid: not yet returned) goes to its consumer,
@@ -405,7 +410,8 @@ class Prefetcher:
         """Retire a layer handed out in part once nobody waits on it nor will take the rest."""
         if job.state != "staged" or not job.takes or job.waiters > 0:
             return
-        if any(h is not None and self._awaited_locked(job, s) for s, h in enumerate(job.handles)):
+        wanted = self._wanted_locked(job.layer)
+        if any(h is not None and self._awaited_locked(job, s, wanted) for s, h in enumerate(job.handles)):
             return  # if that consumer never comes, eviction or idle expiry frees it
         self._retire_layer_locked(job.retrieval, job.layer)
 
@@ -413,16 +419,17 @@ class Prefetcher:
         """Unpin/abort: drop every retrieval holding any of these chunks that no one waits on."""
         n = 0
         with self._lock:
-            for h in hashes:
-                for r, _ in list(self._holders.get((ns, h), [])):
-                    # Only retrievals nobody has started consuming: one whose layers are being
-                    # handed out belongs to a forward pass in progress.
-                    if r.waiters == 0 and r.taken_upto < min(r.jobs, default=0) and not r.cancelled:
-                        self._cancel_locked(r)
-                        n += 1
-                    else:  # a copy kept for this request is not needed any more
-                        for job in list(r.jobs.values()):
-                            self._maybe_retire_locked(job)
+            # One retrieval holds many of a request's chunks: visit each once.
+            holders = {r.id: r for h in hashes for r, _ in self._holders.get((ns, h), [])}
+            for r in holders.values():
+                # Only retrievals nobody has started consuming: one whose layers are being
+                # handed out belongs to a forward pass in progress.
+                if r.waiters == 0 and r.taken_upto < min(r.jobs, default=0) and not r.cancelled:
+                    self._cancel_locked(r)
+                    n += 1
+                else:  # a copy kept for this request is not needed any more
+                    for job in list(r.jobs.values()):
+                        self._maybe_retire_locked(job)
             if n:
                 self._admit_locked()
         return n
