@@ -45,6 +45,15 @@ def plugin_config(ep, bucket, budget) -> dict:
                                 segment_max_chunks=2, max_connections=8)
 
 
+def _load_engine(ep, bucket, budget):
+    """The engine under load, our backend and its core, and LMCache's LocalCPU backend (whose
+    pool every MemoryObj must return to)."""
+    engine = build_engine(plugin_config(ep, bucket, budget), SPEC,
+                          connector=make_cpu_connector(SPEC, kv_layout=LAYOUT_FLASH_ATTN))
+    backend = engine.storage_manager.storage_backends["s3layer"]
+    return engine, backend, backend.core, engine.storage_manager.storage_backends["LocalCPUBackend"]
+
+
 class Lanes:
     """One shared paged cache (as in vLLM); each in-flight request owns a lane of slots."""
 
@@ -95,11 +104,7 @@ def test_ten_lockstep_engine_retrievals_and_stores(s3_endpoint, bucket):
 def test_ten_concurrent_retrievals_and_stores_stay_in_budget_and_release_everything(s3_endpoint, bucket):
     """10 threads retrieve through the plugin (its LMCache MemoryObjs, its prefetcher), 3 store
     through the engine, the scheduler's lookups run alongside; bounded in time."""
-    engine = build_engine(plugin_config(s3_endpoint, bucket, TIGHT_BUDGET), SPEC,
-                          connector=make_cpu_connector(SPEC, kv_layout=LAYOUT_FLASH_ATTN))
-    backend = engine.storage_manager.storage_backends["s3layer"]
-    core = backend.core
-    lcb = engine.storage_manager.storage_backends["LocalCPUBackend"]
+    engine, backend, core, lcb = _load_engine(s3_endpoint, bucket, TIGHT_BUDGET)
     lanes = Lanes()
     truth, keys = {}, {}
     for pid in range(RETRIEVALS + 4):
@@ -183,11 +188,7 @@ def test_ten_concurrent_retrievals_and_stores_stay_in_budget_and_release_everyth
 
 
 def _run_load(s3_endpoint, bucket, storm: bool, budget: int):
-    engine = build_engine(plugin_config(s3_endpoint, bucket, budget), SPEC,
-                          connector=make_cpu_connector(SPEC, kv_layout=LAYOUT_FLASH_ATTN))
-    backend = engine.storage_manager.storage_backends["s3layer"]
-    core = backend.core
-    lcb = engine.storage_manager.storage_backends["LocalCPUBackend"]
+    engine, backend, core, lcb = _load_engine(s3_endpoint, bucket, budget)
     lanes = Lanes()
     truth: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # prompt id -> (tokens, KV)
     stored: list[int] = []
