@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from .config import S3LayerConfig
@@ -27,67 +28,81 @@ from .writer import SegmentWriter
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class _Batch:
+    ns: Namespace
+    num_layers: int
+    locs: list[Location] = field(default_factory=list)
+    keys: set[tuple[str, int]] = field(default_factory=set)
+    last: float = 0.0
+
+
 class LookupBatcher:
     """Collects the chunks one lookup hits and starts their prefetch as one retrieval.
 
     LMCache's layerwise lookup asks about one chunk per call and never says when it is done, so
     a batch ends at the first miss, at a retrieval, or after ``quiet_s`` without a new hit.
+    Batches are kept per calling thread: look-ups running at once on several threads would
+    otherwise interleave into one retrieval of many prompts, larger than the staging budget.
     """
 
     def __init__(self, start: Callable[[Namespace, list[Location], int], Any], quiet_s: float = 0.002):
         self._start = start
         self._quiet = quiet_s
         self._lock = threading.Condition()
-        self._batch: list[Location] = []
-        self._keys: set[tuple[str, int]] = set()
-        self._ns: Namespace | None = None
-        self._layers = 0
-        self._last = 0.0
+        self._batches: dict[int, _Batch] = {}  # by thread id
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="s3layer-lookup-batcher", daemon=True)
         self._thread.start()
 
     def add(self, ns: Namespace, loc: Location, num_layers: int) -> None:
         with self._lock:
+            me = threading.get_ident()
+            batch = self._batches.get(me)
             key = (loc.manifest.segment_id, loc.index)
             # A chunk already in the batch means another lookup began (requests of one batch
             # share a prefix): fetch it once, not once per request in one retrieval.
-            if self._batch and (ns != self._ns or num_layers != self._layers or key in self._keys):
-                self._flush_locked()
-            self._batch.append(loc)
-            self._keys.add(key)
-            self._ns, self._layers, self._last = ns, num_layers, time.monotonic()
+            if batch is not None and (ns != batch.ns or num_layers != batch.num_layers or key in batch.keys):
+                self._flush_locked(me)
+                batch = None
+            if batch is None:
+                batch = self._batches[me] = _Batch(ns, num_layers)
+            batch.locs.append(loc)
+            batch.keys.add(key)
+            batch.last = time.monotonic()
             self._lock.notify()
 
     def flush(self) -> None:
+        """Start every pending batch (a lookup ended at a miss, or a retrieval is starting)."""
         with self._lock:
-            self._flush_locked()
+            for tid in list(self._batches):
+                self._flush_locked(tid)
 
-    def _flush_locked(self) -> None:
-        if self._batch:
-            batch, ns, layers = self._batch, self._ns, self._layers
-            self._batch, self._keys = [], set()
+    def _flush_locked(self, tid: int) -> None:
+        batch = self._batches.pop(tid, None)
+        if batch is not None:
             try:
-                self._start(ns, batch, layers)
+                self._start(batch.ns, batch.locs, batch.num_layers)
             except Exception as exc:  # noqa: BLE001 - a failed prefetch is only a slower retrieval
                 log.warning("could not start prefetch: %s", exc)
 
     def _run(self) -> None:
         with self._lock:
             while not self._closed:
-                if not self._batch:
+                if not self._batches:
                     self._lock.wait()
                     continue
-                left = self._last + self._quiet - time.monotonic()
-                if left > 0:
-                    self._lock.wait(left)
-                    continue
-                self._flush_locked()
+                now = time.monotonic()
+                for tid, batch in list(self._batches.items()):
+                    if now - batch.last >= self._quiet:
+                        self._flush_locked(tid)
+                if self._batches:
+                    self._lock.wait(max(0.0, min(b.last for b in self._batches.values()) + self._quiet - now))
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            self._batch = []
+            self._batches.clear()
             self._lock.notify()
         self._thread.join(timeout=2)
 

@@ -499,3 +499,32 @@ def test_requests_with_the_same_prefix_fetch_each_layer_once(store):
     finally:
         store.client.gate.set()
         pf.close()
+
+
+def test_lookups_on_two_threads_at_once_start_one_retrieval_each(store):
+    """The batcher groups one lookup's hits into one retrieval. Look-ups running at once on two
+    threads must not interleave into one retrieval of both prompts (which could be larger than
+    the staging budget and then be staged alone, over it)."""
+    from lmcache_s3layer.core import LookupBatcher
+
+    a, _ = make_segment(store, 2, [16, 16, 16], seed=7)
+    b, _ = make_segment(store, 2, [16, 16, 16], seed=8)
+    started, step = [], threading.Barrier(2)
+    batcher = LookupBatcher(lambda ns, batch, layers: started.append([(l.manifest.segment_id, l.index) for l in batch]),
+                            quiet_s=0.2)
+
+    def lookup(m):
+        for loc in locs(m):
+            step.wait(5)  # the two look-ups alternate chunk by chunk
+            batcher.add(NS, loc, 2)
+
+    try:
+        threads = [threading.Thread(target=lookup, args=(m,)) for m in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(5)
+        batcher.flush()
+        assert sorted(started) == sorted([[(m.segment_id, i) for i in range(3)] for m in (a, b)])
+    finally:
+        batcher.close()
