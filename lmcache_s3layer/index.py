@@ -160,12 +160,27 @@ class ChunkIndex:
         A look-up that errors or times out is a miss (never an exception on the scheduling
         path); corrupt or foreign pointers/manifests are counted and treated as misses.
         """
+        out, remote = self._resolve(ns, chunk_hashes)
+        self._count_results(out, remote)
+        return out
+
+    def committed(self, ns: Namespace, chunk_hashes: Sequence[int]) -> list[bool]:
+        """Write path: which of these chunks a committed segment already holds.
+
+        The same memory-then-pointer answer as ``resolve``, but not counted as look-ups (the
+        resolution metrics describe what the scheduler saw). A look-up that fails or times
+        out says "not committed": writing a chunk again costs at worst a lost commit race,
+        while skipping one that is not stored would leave a gap no later lookup gets past.
+        """
+        out, _ = self._resolve(ns, chunk_hashes)
+        return [loc is not None for loc in out]
+
+    def _resolve(self, ns: Namespace, chunk_hashes: Sequence[int]) -> tuple[list[Location | None], set[int]]:
         hashes = [normalize_hash(h) for h in chunk_hashes]
         out: list[Location | None] = [self.get(ns, h) for h in hashes]
         todo = [i for i, loc in enumerate(out) if loc is None and not self.is_known_missing(ns, hashes[i])]
         if not todo:
-            self._count_results(out, remote=set())
-            return out
+            return out, set()
         futures = {self._pool.submit(self._resolve_one, ns, hashes[i]): i for i in todo}
         done, not_done = wait(futures, timeout=self._lookup_timeout)
         for f in not_done:
@@ -175,8 +190,7 @@ class ChunkIndex:
                 out[futures[f]] = f.result()
             except Exception:  # noqa: BLE001 - _resolve_one already classified and logged
                 out[futures[f]] = None
-        self._count_results(out, remote={futures[f] for f in done})
-        return out
+        return out, {futures[f] for f in done}
 
     def _resolve_one(self, ns: Namespace, h: int) -> Location | None:
         try:
@@ -187,6 +201,13 @@ class ChunkIndex:
                 return None
             with self._lock:
                 m = self._manifests.get(ptr.segment_id)
+            if m is not None and m.namespace != ns:
+                # The cache is by segment id alone. A pointer of this namespace naming another
+                # namespace's segment (objects copied between dtypes or ranks, or a hostile
+                # pointer) must not borrow that manifest: fp8_e4m3fn and fp8_e5m2 chunks have
+                # the same hashes and sizes, so nothing later would notice the wrong bytes.
+                # Read this namespace's own manifest object, which says whose it is.
+                m = None
             if m is None:
                 self.stats.manifest_gets += 1
                 m = self.store.read_manifest(ns, ptr.segment_id)

@@ -36,12 +36,25 @@ MAX_BYTES_PER_TOKEN = 1 << 24
 MAX_LAYER_BYTES = 1 << 40
 MAX_MODEL_NAME = 512
 
-# Element sizes of the dtype names LMCache writes into CacheEngineKey (utils.py _dtype_str).
-DTYPE_SIZES = {
-    "half": 2, "float16": 2, "bfloat16": 2, "float": 4, "float32": 4, "double": 8,
-    "float64": 8, "float8_e4m3fn": 1, "float8_e5m2": 1, "fp8_e4m3": 1, "fp8_e5m2": 1,
-    "uint8": 1, "int8": 1, "int16": 2, "int32": 4, "int64": 8, "bool": 1,
+# Element sizes by dtype name. A name is part of the namespace (and so of every object name and
+# manifest), never canonicalised to its size: fp8_e4m3fn and fp8_e5m2 are both one byte, but the
+# same bytes mean different numbers, so they must never share (or find) each other's chunks.
+#
+# Exactly the names LMCache 0.5.6 writes into CacheEngineKey._dtype_str
+# (lmcache.utils.TORCH_DTYPE_TO_STR_DTYPE, fp8 variants included); tests/test_fp8_and_gaps.py
+# checks this table against LMCache's and against torch's element sizes.
+LMCACHE_DTYPE_SIZES = {
+    "half": 2, "bfloat16": 2, "float": 4, "double": 8,
+    "int8": 1, "uint8": 1, "int16": 2, "int32": 4, "int64": 8, "bool": 1,
+    "fp8_e4m3fn": 1, "fp8_e4m3fnuz": 1, "fp8_e5m2": 1, "fp8_e5m2fnuz": 1,
 }
+# torch's own attribute names, for callers that name dtypes without LMCache (benchmarks, tools).
+# They are namespaces of their own: "float16" data is not found under LMCache's "half".
+TORCH_DTYPE_SIZES = {
+    "float16": 2, "float32": 4, "float64": 8,
+    "float8_e4m3fn": 1, "float8_e4m3fnuz": 1, "float8_e5m2": 1, "float8_e5m2fnuz": 1,
+}
+DTYPE_SIZES = {**LMCACHE_DTYPE_SIZES, **TORCH_DTYPE_SIZES}
 
 _SEGMENT_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _SLUG_KEEP = re.compile(r"[^A-Za-z0-9._-]+")
@@ -308,11 +321,15 @@ class Manifest:
                 checksums, float(created))
         # Redundant fields must agree with the derived ones: a disagreement means a bug or
         # tampering, and either way the byte offsets cannot be trusted.
-        if doc["element_size"] != m.element_size or isinstance(doc["element_size"], bool):
+        # Integers only: JSON's 1.0 and true compare equal to 1 in Python, and with one-byte
+        # (fp8, int8) dtypes ``element_size: true`` would otherwise pass as 1.
+        if not _is_int(doc["element_size"]) or doc["element_size"] != m.element_size:
             raise FormatError("manifest: element_size disagrees with dtype")
-        if doc["chunk_offsets"] != list(m.chunk_offsets):
+        offsets = doc["chunk_offsets"]
+        if (not isinstance(offsets, list) or not all(_is_int(o) for o in offsets)
+                or offsets != list(m.chunk_offsets)):
             raise FormatError("manifest: chunk_offsets disagree with chunk_tokens")
-        if doc["layer_bytes"] != m.layer_bytes:
+        if not _is_int(doc["layer_bytes"]) or doc["layer_bytes"] != m.layer_bytes:
             raise FormatError("manifest: layer_bytes disagrees with chunk_tokens")
         if expect is not None and ns != expect:
             raise NamespaceMismatch("manifest belongs to another model, rank, dtype or tag set")
@@ -456,6 +473,31 @@ def chunk_hashes_of(manifests: Iterable[Manifest]) -> set[int]:
 def split_into_segments(n_chunks: int, max_chunks: int) -> list[tuple[int, int]]:
     """[start, end) chunk index ranges of at most ``max_chunks`` each, in order."""
     return [(s, min(s + max_chunks, n_chunks)) for s in range(0, n_chunks, max_chunks)]
+
+
+def split_runs_into_segments(positions: Sequence[int], max_chunks: int) -> list[tuple[int, int]]:
+    """[start, end) ranges covering exactly ``positions`` (increasing chunk positions of one
+    store): each range is a run of consecutive positions of at most ``max_chunks``.
+
+    A store's new chunks need not be contiguous (chunks in between may be committed already,
+    by this or another writer); a segment's layer object concatenates its chunks, so each run
+    of consecutive new chunks is cut on its own.
+    """
+    if max_chunks < 1:
+        raise ValueError("max_chunks must be at least 1")
+    out: list[tuple[int, int]] = []
+    run_start = prev = None
+    for p in positions:
+        if prev is not None and p <= prev:
+            raise ValueError("positions must be strictly increasing")
+        if run_start is None or p != prev + 1 or p - run_start == max_chunks:
+            if run_start is not None:
+                out.append((run_start, prev + 1))
+            run_start = p
+        prev = p
+    if run_start is not None:
+        out.append((run_start, prev + 1))
+    return out
 
 
 def validate_chunk_hashes(hashes: Sequence[int]) -> tuple[int, ...]:

@@ -6,6 +6,21 @@ layer while vLLM computes), so it only does bookkeeping and hands work to upload
 caller's buffers are referenced until an upload thread has copied them into the request body;
 then ``release`` is called, so LMCache memory is held for a copy's time, not an upload's.
 
+Which chunks a store writes: LMCache hands us the chunks whose layer-0 ``contains()`` was
+False, so a store may skip chunks (the set need not be contiguous), and it may also contain
+chunks that are committed already but unknown to this process's memory index (a layerwise
+lookup stops at its first miss, so chunks after a gap are never looked up). Before the first
+byte of a store is read, its chunks are checked against the index and, for those memory does
+not know, against their pointers; every chunk not committed (and not in flight in another
+store) is written, each run of consecutive new chunks as its own segment(s). Committed chunks
+are never rewritten, and a committed chunk in the middle no longer makes the whole store lose
+the pointer race, which left the chunks around it unwritten for good (a lookup stops at a gap).
+
+Fence: on a GPU, LMCache fills the buffers it hands us with an asynchronous device-to-host
+copy. ``before_read`` (if given) is called on the upload thread, once per layer upload, right
+before the buffers are first read, so the reader can wait for that copy without stalling the
+forward pass; it failing fails that store like a failed upload.
+
 Back-pressure: bytes accepted but not yet uploaded are capped by ``put_inflight_budget_bytes``.
 A store that would exceed it is dropped whole (and counted): queueing without bound would
 eventually stall the forward pass or exhaust memory, and a cache may always decline a write.
@@ -24,12 +39,13 @@ from .checksum import crc32c
 from .config import S3LayerConfig
 from .errors import PreconditionFailed, S3LayerError
 from .index import ChunkIndex
-from .layout import Manifest, Namespace, normalize_hash, split_into_segments
+from .layout import Manifest, Namespace, normalize_hash, split_runs_into_segments
 from .segments import SegmentStore, new_segment_id
 
 log = logging.getLogger(__name__)
 
 Release = Callable[[], None]
+Fence = Callable[[], None]
 
 
 @dataclass
@@ -42,6 +58,8 @@ class WriterStats:
     stores_abandoned: int = 0
     layers_uploaded: int = 0
     bytes_uploaded: int = 0
+    chunks_already_committed: int = 0  # handed to us, found committed, not written again
+    chunks_in_flight_elsewhere: int = 0  # being written by another store (or repeated in one)
 
 
 @dataclass
@@ -60,21 +78,34 @@ class _Segment:
 
 @dataclass
 class _Store:
-    key: tuple
-    segments: list[tuple[int, int, _Segment]]  # (first chunk, end chunk, segment)
+    key: tuple  # (namespace, chunk hashes as handed to us)
+    ns: Namespace
+    tokens: tuple[int, ...]
+    token_shape: tuple[int, ...]
     num_layers: int
+    candidates: tuple[int, ...]  # positions this store registered as pending: what it may write
+    # (first, end, segment) over store positions; None until planned (by the first upload
+    # task, under plan_lock), [] when dropped before that or nothing was left to write.
+    segments: list[tuple[int, int, _Segment]] | None = None
+    plan_lock: threading.Lock = field(default_factory=threading.Lock)
     layers_seen: set[int] = field(default_factory=set)
     dropped: bool = False
     last_activity: float = field(default_factory=time.monotonic)
 
+    @property
+    def hashes(self) -> tuple[int, ...]:
+        return self.key[1]
+
 
 class SegmentWriter:
     def __init__(self, cfg: S3LayerConfig, store: SegmentStore, index: ChunkIndex, *,
-                 on_event: Callable[[str, int], None] | None = None, stale_after_s: float = 300.0):
+                 on_event: Callable[[str, int], None] | None = None, stale_after_s: float = 300.0,
+                 before_read: Fence | None = None):
         self.cfg = cfg
         self.store = store
         self.index = index
         self.stats = WriterStats()
+        self._before_read = before_read
         self._on_event = on_event or (lambda name, n: None)
         self._pool = ThreadPoolExecutor(cfg.put_workers, thread_name_prefix="s3layer-put")
         self._lock = threading.Lock()
@@ -96,6 +127,9 @@ class SegmentWriter:
         ``buffers[j]`` holds chunk j's KV_T2D bytes for this layer. ``release`` is called
         exactly once, when the buffers are no longer needed. Returns False when the store is
         dropped (budget, duplicate, closed); the buffers are then released already.
+
+        A store whose chunks are all being written by other stores is a duplicate; one whose
+        chunks are partly so writes only the rest (the in-flight ones are not written twice).
         """
         hashes = tuple(normalize_hash(h) for h in chunk_hashes)
         nbytes = sum(memoryview(b).nbytes for b in buffers)
@@ -107,12 +141,10 @@ class SegmentWriter:
                 st = None
                 accept = False
             elif st is None:
-                if layer != 0 or any((ns, h) in self._pending_chunks for h in hashes):
-                    accept = False  # a store we dropped earlier, or a duplicate of one in flight
-                else:
-                    st = self._start_store_locked(key, ns, hashes, tuple(chunk_tokens),
-                                                  tuple(token_shape), num_layers)
-                    accept = True
+                # layer > 0 without a store: one we dropped earlier (or never started)
+                st = self._start_store_locked(key, ns, tuple(chunk_tokens), tuple(token_shape),
+                                              num_layers) if layer == 0 else None
+                accept = st is not None  # None: every chunk is being written by another store
             else:
                 accept = not st.dropped and layer not in st.layers_seen
             if accept and self._inflight_bytes + nbytes > self.cfg.put_inflight_budget_bytes:
@@ -147,20 +179,9 @@ class SegmentWriter:
 
     def _upload_layer(self, st: _Store, layer: int, buffers: list, release: Release, nbytes: int) -> None:
         try:
-            views = [memoryview(b).cast("B") for b in buffers]
-            bodies = []
-            for first, end, seg in st.segments:
-                sums = tuple(crc32c(v) for v in views[first:end])
-                bodies.append((seg, sums, b"".join(views[first:end])))
-        except Exception as exc:  # noqa: BLE001 - a bad buffer fails this store, not the caller
-            log.error("could not read layer %d of a store: %s", layer, exc)
-            bodies = None
-        finally:
-            release()
-        try:
+            bodies = self._read_layer(st, layer, buffers, release)
             if bodies is None:
-                for _, _, seg in st.segments:
-                    self._fail_segment(seg)
+                self._fail_store(st)
                 return
             for seg, sums, body in bodies:
                 with self._lock:
@@ -190,6 +211,62 @@ class SegmentWriter:
                 self._tasks -= 1
                 self._idle.notify_all()
 
+    def _read_layer(self, st: _Store, layer: int, buffers: list,
+                    release: Release) -> list[tuple[_Segment, tuple[int, ...], bytes]] | None:
+        """(segment, chunk checksums, body) per live segment of the store; None when the
+        buffers could not be read. ``release`` is called in every case, after the copy."""
+        try:
+            segments = self._plan(st)
+            # The fence comes first even when nothing is left to read: the buffers go back to
+            # LMCache below, and must not be reused while a device copy still writes them.
+            if self._before_read is not None:
+                self._before_read()
+            with self._lock:
+                live = [(first, end, seg) for first, end, seg in segments if not seg.failed]
+            views = [memoryview(b).cast("B") for b in buffers]
+            return [(seg, tuple(crc32c(v) for v in views[first:end]), b"".join(views[first:end]))
+                    for first, end, seg in live]
+        except Exception as exc:  # noqa: BLE001 - a bad buffer or fence fails this store, not the caller
+            log.error("could not read layer %d of a store: %s", layer, exc)
+            return None
+        finally:
+            release()
+
+    # ---- planning: which chunks a store writes, in which segments --------------------------
+
+    def _plan(self, st: _Store) -> list[tuple[int, int, _Segment]]:
+        """The store's segments, decided once (by its first upload task; the others wait):
+        every layer object of a segment must hold the same chunks."""
+        with st.plan_lock:
+            with self._lock:
+                if st.segments is not None:
+                    return st.segments
+            committed = self._already_committed(st)  # I/O: outside the writer's lock
+            with self._lock:
+                if st.segments is None:  # else dropped meanwhile: nothing to write
+                    st.segments = self._segments_locked(st, committed)
+                return st.segments
+
+    def _already_committed(self, st: _Store) -> set[int]:
+        """Positions of the store's candidates that a committed segment already holds."""
+        try:
+            found = self.index.committed(st.ns, [st.hashes[i] for i in st.candidates])
+        except Exception as exc:  # noqa: BLE001 - unknown means "write it": at worst a lost race
+            log.warning("could not check which chunks of a store are stored already: %s", exc)
+            return set()
+        return {i for i, hit in zip(st.candidates, found) if hit}
+
+    def _segments_locked(self, st: _Store, committed: set[int]) -> list[tuple[int, int, _Segment]]:
+        self._unpend_locked(st.ns, [st.hashes[i] for i in committed])
+        self.stats.chunks_already_committed += len(committed)
+        new = [i for i in st.candidates if i not in committed]
+        segs = []
+        for first, end in split_runs_into_segments(new, self.cfg.segment_max_chunks):
+            seg = _Segment(st.ns, new_segment_id(), st.hashes[first:end], st.tokens[first:end],
+                           st.token_shape, st.num_layers)
+            segs.append((first, end, seg))
+        return segs
+
     def _commit(self, seg: _Segment) -> None:
         m = Manifest(seg.segment_id, seg.ns, seg.num_layers, seg.token_shape, seg.hashes, seg.tokens,
                      tuple(seg.checksums[l] for l in range(seg.num_layers)), time.time())
@@ -213,6 +290,19 @@ class SegmentWriter:
         self._on_event("segment_committed", 1)
         self._finish(seg)
 
+    def _fail_store(self, st: _Store) -> None:
+        with self._lock:
+            planned = st.segments is not None
+            if not planned:  # the plan itself failed: no segment exists to clean up
+                st.segments = []
+                self._unpend_locked(st.ns, [st.hashes[i] for i in st.candidates])
+                self.stats.stores_failed += 1
+            segments = list(st.segments)
+        if not planned:
+            self._on_event("store_failed", 1)
+        for _, _, seg in segments:
+            self._fail_segment(seg)
+
     def _fail_segment(self, seg: _Segment) -> None:
         with self._lock:
             if seg.failed or seg.done:
@@ -234,24 +324,39 @@ class SegmentWriter:
     def _finish(self, seg: _Segment) -> None:
         with self._lock:
             seg.done = True
-            for h in seg.hashes:
-                k = (seg.ns, h)
-                n = self._pending_chunks.get(k, 0) - 1
-                if n <= 0:
-                    self._pending_chunks.pop(k, None)
-                else:
-                    self._pending_chunks[k] = n
+            self._unpend_locked(seg.ns, seg.hashes)
+
+    def _unpend_locked(self, ns: Namespace, hashes) -> None:
+        for h in hashes:
+            k = (ns, h)
+            n = self._pending_chunks.get(k, 0) - 1
+            if n <= 0:
+                self._pending_chunks.pop(k, None)
+            else:
+                self._pending_chunks[k] = n
 
     # ---- bookkeeping -----------------------------------------------------------------------
 
-    def _start_store_locked(self, key, ns, hashes, tokens, token_shape, num_layers) -> _Store:
-        segs = []
-        for first, end in split_into_segments(len(hashes), self.cfg.segment_max_chunks):
-            seg = _Segment(ns, new_segment_id(), hashes[first:end], tokens[first:end], token_shape, num_layers)
-            segs.append((first, end, seg))
-        for h in hashes:
-            self._pending_chunks[(ns, h)] = self._pending_chunks.get((ns, h), 0) + 1
-        st = _Store(key, segs, num_layers)
+    def _start_store_locked(self, key, ns, tokens, token_shape, num_layers) -> _Store | None:
+        """Register a new store's chunks as pending; None when there is nothing for it to write.
+
+        Chunks another store is writing are left to it (and a hash repeated within the store
+        to its first position): writing them twice would only lose a commit race.
+        """
+        hashes = key[1]
+        seen: set[int] = set()
+        candidates = []
+        for i, h in enumerate(hashes):
+            if h not in seen and (ns, h) not in self._pending_chunks:
+                candidates.append(i)
+            seen.add(h)
+        self.stats.chunks_in_flight_elsewhere += len(hashes) - len(candidates)
+        if not candidates:
+            return None
+        for i in candidates:
+            k = (ns, hashes[i])
+            self._pending_chunks[k] = self._pending_chunks.get(k, 0) + 1
+        st = _Store(key, ns, tokens, token_shape, num_layers, tuple(candidates))
         self._stores[key] = st
         self.stats.stores_started += 1
         return st
@@ -261,6 +366,12 @@ class SegmentWriter:
             return
         st.dropped = True
         self._stores.pop(st.key, None)
+        if st.segments is None:
+            # Not planned yet: no segment exists, so the planner (if running) finds this empty
+            # plan and writes nothing; the chunks it had registered are free again.
+            st.segments = []
+            self._unpend_locked(st.ns, [st.hashes[i] for i in st.candidates])
+            return
         for _, _, seg in st.segments:
             if not seg.failed and not seg.done:
                 seg.failed = True

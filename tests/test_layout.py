@@ -151,3 +151,79 @@ def test_fuzz_mutated_valid_manifest(data):
         return
     # A mutation that still parses must still describe a self-consistent segment.
     assert m.layer_bytes == sum(m.chunk_tokens) * m.bytes_per_token
+
+
+# ---- fp8 and other one-byte dtypes ----------------------------------------------------------
+
+FP8_NAMES = ("fp8_e4m3fn", "fp8_e4m3fnuz", "fp8_e5m2", "fp8_e5m2fnuz")  # as LMCache 0.5.6 writes them
+
+
+def test_fp8_dtype_names_are_namespaces_of_their_own():
+    spaces = [Namespace(NS.model, 1, 0, name) for name in FP8_NAMES + ("int8", "uint8")]
+    roots = {Names("p", ns).root for ns in spaces}
+    assert len(roots) == len(spaces)  # one-byte dtypes are never folded into one directory
+    for ns in spaces:
+        assert Names("p", ns).root.endswith("/" + ns.dtype)
+
+
+@pytest.mark.parametrize("dtype", FP8_NAMES)
+def test_fp8_manifest_round_trip_with_one_byte_elements(dtype):
+    ns = Namespace(NS.model, 1, 0, dtype)
+    m = make_manifest(ns=ns)
+    assert m.element_size == 1
+    assert m.bytes_per_token == 2 * 1024
+    assert m.layer_bytes == sum(m.chunk_tokens) * 2 * 1024
+    back = Manifest.decode(m.encode(), expect=ns, expect_segment=SID)
+    assert back == m and back.chunk_offsets == m.chunk_offsets
+    # another one-byte dtype has the same sizes and offsets, and is still another namespace
+    other = "fp8_e5m2" if dtype != "fp8_e5m2" else "fp8_e4m3fn"
+    with pytest.raises(NamespaceMismatch):
+        Manifest.decode(m.encode(), expect=Namespace(NS.model, 1, 0, other))
+
+
+@pytest.mark.parametrize("field,bad", [
+    ("element_size", lambda v: True), ("element_size", float), ("element_size", lambda v: 2),
+    ("layer_bytes", float),
+])
+def test_fp8_manifest_numbers_must_be_exact_integers(field, bad):
+    # JSON true and 1.0 equal 1 in Python: with one-byte elements they must not pass for it.
+    d = json.loads(make_manifest(ns=Namespace(NS.model, 1, 0, "fp8_e4m3fn")).encode())
+    d[field] = bad(d[field])
+    with pytest.raises(FormatError):
+        Manifest.decode(json.dumps(d).encode())
+
+
+def test_chunk_offsets_must_be_integers():
+    d = json.loads(make_manifest().encode())
+    d["chunk_offsets"] = [float(o) for o in d["chunk_offsets"]]
+    with pytest.raises(FormatError, match="chunk_offsets"):
+        Manifest.decode(json.dumps(d).encode())
+
+
+def test_unknown_dtype_is_still_refused():
+    with pytest.raises(FormatError, match="unsupported dtype"):
+        Namespace(NS.model, 1, 0, "fp4_e2m1")
+
+
+# ---- runs of new chunks into segments --------------------------------------------------------
+
+
+@pytest.mark.parametrize("positions,max_chunks,want", [
+    ([], 4, []),
+    ([0, 1, 2, 3, 4], 2, [(0, 2), (2, 4), (4, 5)]),
+    ([2, 3, 6, 7], 64, [(2, 4), (6, 8)]),  # a committed chunk in between splits the run
+    ([0, 1, 3, 4, 5, 7, 8, 9], 2, [(0, 2), (3, 5), (5, 6), (7, 9), (9, 10)]),
+    ([5], 1, [(5, 6)]),
+])
+def test_split_runs_into_segments(positions, max_chunks, want):
+    from lmcache_s3layer.layout import split_runs_into_segments
+    assert split_runs_into_segments(positions, max_chunks) == want
+
+
+@given(st.sets(st.integers(0, 200), max_size=60), st.integers(1, 9))
+def test_split_runs_cover_exactly_the_positions(positions, max_chunks):
+    from lmcache_s3layer.layout import split_runs_into_segments
+    ranges = split_runs_into_segments(sorted(positions), max_chunks)
+    covered = [p for a, b in ranges for p in range(a, b)]
+    assert covered == sorted(positions)
+    assert all(1 <= b - a <= max_chunks for a, b in ranges)

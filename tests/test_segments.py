@@ -137,3 +137,49 @@ def test_unreachable_endpoint_is_unavailable_quickly():
                                connect_timeout_s=0.5))
     with pytest.raises(Unavailable):
         c.check_bucket()
+
+
+# ---- one-byte dtypes, and dtypes of equal size ---------------------------------------------
+
+def ns_of(dtype: str) -> Namespace:
+    return Namespace("meta-llama/Llama-3.1-8B", 1, 0, dtype)
+
+
+def test_fp8_segment_round_trip_with_one_byte_elements(store):
+    e4m3, e5m2 = ns_of("fp8_e4m3fn"), ns_of("fp8_e5m2")
+    tokens = [32, 17]
+    layers = [random.Random(l).randbytes(sum(tokens) * 2 * HIDDEN) for l in range(3)]  # 1 byte each
+    m = store.write_segment(e4m3, [5, 6], tokens, (2, HIDDEN), layers)
+    assert m.bytes_per_token == 2 * HIDDEN and m.layer_bytes == len(layers[0])
+    back = store.read_manifest(e4m3, m.segment_id)
+    for layer in range(3):
+        assert bytes(store.read_layer(back, layer, 0, 1)) == layers[layer]
+        assert bytes(store.read_layer(back, layer, 1, 1)) == layers[layer][32 * 2 * HIDDEN:]
+    assert store.read_pointer(e5m2, 5) is None  # same hash, other fp8 format: another namespace
+
+
+@pytest.mark.parametrize("dtypes", [("fp8_e4m3fn", "fp8_e5m2"), ("bfloat16", "half")])
+def test_a_pointer_naming_another_dtypes_segment_is_a_miss_even_when_its_manifest_is_cached(store, dtypes):
+    """The index caches manifests by segment id. A pointer under fp8_e5m2 that names an
+    fp8_e4m3fn segment (objects copied between namespaces, or a hostile pointer) must not
+    borrow the cached e4m3fn manifest: sizes and hashes agree, so the bytes would be served
+    as e5m2 and nothing would notice. (bfloat16/half: the same trap with two-byte dtypes.)"""
+    from lmcache_s3layer.layout import DTYPE_SIZES
+    a, b = ns_of(dtypes[0]), ns_of(dtypes[1])
+    layer = bytes(16 * 2 * HIDDEN * DTYPE_SIZES[a.dtype])
+    m = store.write_segment(a, [77], [16], (2, HIDDEN), [layer, layer])
+    names_a, names_b = store.names(a), store.names(b)
+    store.client.put_bytes(names_b.pointer_object(77), store.client.get_bytes(names_a.pointer_object(77), 4096))
+    with ThreadPoolExecutor(2) as pool:
+        idx = ChunkIndex(store, pool=pool, negative_ttl_s=0)
+        loc_a, = idx.resolve(a, [77])
+        assert loc_a is not None and loc_a.manifest.namespace == a  # now cached
+        assert idx.resolve(b, [77]) == [None]
+        assert idx.get(b, 77) is None and idx.get(a, 77) is not None
+    # a copy of the manifest itself in b's directory says whose it is: still a miss
+    store.client.put_bytes(names_b.manifest_object(m.segment_id),
+                           store.client.get_bytes(names_a.manifest_object(m.segment_id), 1 << 20))
+    with ThreadPoolExecutor(2) as pool:
+        idx = ChunkIndex(store, pool=pool, negative_ttl_s=0)
+        assert idx.resolve(a, [77])[0] is not None
+        assert idx.resolve(b, [77]) == [None]
