@@ -90,6 +90,16 @@ class S3LayerConfig:
     lookup_timeout_s: float = 2.0
     negative_cache_ttl_s: float = 2.0
     index_max_entries: int = 1_000_000
+    # What pinned look-ups may promise LMCache's CPU pool, in bytes; 0: unlimited (a core with
+    # no LMCache pool behind it: tests, the CLI). LMCache keeps every layer it was handed until
+    # the retrieval's last layer, so a hit of B bytes per layer holds L x B of the pool until
+    # it ends; a look-up answers only the prefix that fits what other pinned look-ups have not
+    # promised (a shorter hit, never a stall). The backend sets it to the pool's real capacity;
+    # a user may set a smaller value (e.g. to leave room for stores), never a larger one.
+    handoff_budget_bytes: int = 0
+    # The pool's allocation granularity (LMCache's allocator rounds every buffer up to 4 KiB):
+    # set by the backend, so a promise counts what a buffer really takes.
+    handoff_align_bytes: int = 1
 
     # --- the write path -----------------------------------------------------------------------
     put_inflight_budget_bytes: int = 1024**3
@@ -155,7 +165,8 @@ def _resolve_secret(value: Any, name: str) -> Any:
     return value
 
 
-_SIZE_FIELDS = {"part_size_bytes", "staging_budget_bytes", "put_inflight_budget_bytes"}
+_SIZE_FIELDS = {"part_size_bytes", "staging_budget_bytes", "put_inflight_budget_bytes",
+                "handoff_budget_bytes", "handoff_align_bytes"}
 
 
 def _coerce(f: dataclasses.Field, value: Any, name: str) -> Any:
@@ -230,6 +241,10 @@ def _validate(c: S3LayerConfig) -> None:
         raise ConfigError("s3layer.segment_max_chunks must be at most 4096")
     if c.prefetch_max_depth < 0:
         raise ConfigError("s3layer.prefetch_max_depth must be >= 0 (0 = as deep as the budget allows)")
+    if c.handoff_budget_bytes < 0:
+        raise ConfigError("s3layer.handoff_budget_bytes must be >= 0 (0 = as large as LMCache's pool)")
+    if c.handoff_align_bytes < 1:
+        raise ConfigError("s3layer.handoff_align_bytes must be >= 1")
     for name in ("retry_base_s", "retry_max_backoff_s", "negative_cache_ttl_s"):
         if getattr(c, name) < 0:
             raise ConfigError(f"s3layer.{name} must be >= 0")

@@ -3,7 +3,9 @@
 One instance per worker process. It owns the S3 client (and its connection pool), the chunk
 index, the segment writer and the prefetch pipeline, and adds the one piece that ties the
 read path together: a lookup that hits starts the prefetch (``LookupBatcher``), so layer 0..k
-are on the wire before the forward pass asks for them (CachedAttention's read buffer).
+are on the wire before the forward pass asks for them (CachedAttention's read buffer); and
+a pinned hit is only answered when LMCache's CPU pool can carry its retrieval to the end
+(``PoolPromises``): a shorter hit, never a retrieval stalled for memory.
 """
 
 from __future__ import annotations
@@ -107,9 +109,118 @@ class LookupBatcher:
         self._thread.join(timeout=2)
 
 
+@dataclass
+class _Promise:
+    nbytes: int
+    last: float  # its look-up, or the last time a retrieval asked for its chunk
+    live: bool = True  # False: reclaimed while idle; its bytes no longer count
+
+
+@dataclass
+class PoolStats:
+    refused: int = 0  # chunks a pinned look-up could not promise (answered as misses)
+    reclaimed: int = 0  # promises reclaimed after idling (a pin LMCache never released?)
+    revived: int = 0  # reclaimed promises whose retrieval came after all
+
+
+class PoolPromises:
+    """What pinned look-ups promised LMCache's CPU pool, so a hit is only answered when the
+    pool can carry its retrieval to the end.
+
+    LMCache keeps every layer it was handed until the retrieval's last layer, so a retrieval
+    of chunks of B bytes per layer peaks at L x B: L-1 layers handed plus the one being staged
+    (the prefetcher's read-ahead is of the same retrieval's later layers, inside those L x B;
+    a copy kept for a second request sharing the chunks is inside that request's own promise).
+    A look-up answering more than the pool holds would stall its retrieval at the layer where
+    the pool runs out, until the deadline; two requests of one batch are stepped in lockstep,
+    so two look-ups promising more than the pool together would stall both. Each chunk is
+    promised here, atomically, before it is answered as a hit.
+
+    A promise ends with its pin (unpin). LMCache may never unpin (a request aborted while
+    queued), so a promise idle longer than ``idle_s`` (no retrieval asked for its chunk) is
+    reclaimable: its bytes stop counting, but only once another look-up needs the room; a
+    retrieval that asks for the chunk after all revives it (over the budget if it must: the
+    forward pass has already been promised those tokens; later look-ups then get less).
+    """
+
+    def __init__(self, budget_bytes: int, idle_s: float, clock: Callable[[], float] = time.monotonic):
+        self.budget = budget_bytes
+        self.idle_s = idle_s
+        self.clock = clock
+        self.promised = 0  # bytes of live promises
+        self.stats = PoolStats()
+        self._lock = threading.Lock()
+        self._by_key: dict[tuple[Namespace, int], list[_Promise]] = {}
+
+    @property
+    def limited(self) -> bool:
+        return self.budget > 0
+
+    def promise(self, key: tuple[Namespace, int], nbytes: int) -> bool:
+        if not self.limited:
+            return True
+        with self._lock:
+            now = self.clock()
+            if self.promised + nbytes > self.budget:
+                self._reclaim_idle_locked(now)
+                if self.promised + nbytes > self.budget:
+                    self.stats.refused += 1
+                    return False
+            self._by_key.setdefault(key, []).append(_Promise(nbytes, now))
+            self.promised += nbytes
+            return True
+
+    def release(self, key: tuple[Namespace, int], keep: int) -> None:
+        """After an unpin: keep at most ``keep`` promises of this chunk (its pins left)."""
+        if not self.limited:
+            return
+        with self._lock:
+            promises = self._by_key.get(key)
+            if not promises:
+                return
+            # Promises of one chunk are interchangeable; free the bytes of a live one first.
+            promises.sort(key=lambda p: not p.live)
+            while len(promises) > max(0, keep):
+                p = promises.pop(0)
+                if p.live:
+                    self.promised -= p.nbytes
+            if not promises:
+                del self._by_key[key]
+
+    def touch(self, keys: Sequence[tuple[Namespace, int]]) -> None:
+        """A retrieval is asking for these chunks: their promises are in use."""
+        if not self.limited:
+            return
+        with self._lock:
+            now = self.clock()
+            for key in keys:
+                for p in self._by_key.get(key, ()):
+                    p.last = now
+                    if not p.live:
+                        p.live = True
+                        self.promised += p.nbytes
+                        self.stats.revived += 1
+
+    def _reclaim_idle_locked(self, now: float) -> None:
+        n = 0
+        for promises in self._by_key.values():
+            for p in promises:
+                if p.live and now - p.last > self.idle_s:
+                    p.live = False
+                    self.promised -= p.nbytes
+                    n += 1
+        if n:
+            self.stats.reclaimed += n
+            log.warning("s3layer: reclaimed %d chunk promises idle for over %.0f s (looked up and "
+                        "pinned, never retrieved nor unpinned)", n, self.idle_s)
+
+
 class S3LayerCore:
     def __init__(self, cfg: S3LayerConfig, *, allocator: StagingAllocator | None = None,
-                 metrics: Metrics | None = None, trace: bool = False, client: S3Client | None = None):
+                 metrics: Metrics | None = None, trace: bool = False, client: S3Client | None = None,
+                 clock: Callable[[], float] = time.monotonic, before_read: Callable[[], None] | None = None):
+        """``before_read``: called on an upload thread before it reads a store's buffers; the
+        backend passes a device fence, since LMCache fills them with asynchronous copies."""
         self.cfg = cfg
         self.metrics = metrics or Metrics.get()
         self.client = client or S3Client(cfg)
@@ -117,7 +228,8 @@ class S3LayerCore:
         self._lookup_pool = ThreadPoolExecutor(min(32, cfg.max_connections), thread_name_prefix="s3layer-lookup")
         self.index = ChunkIndex(self.store, pool=self._lookup_pool, max_entries=cfg.index_max_entries,
                                 negative_ttl_s=cfg.negative_cache_ttl_s, lookup_timeout_s=cfg.lookup_timeout_s)
-        self.writer = SegmentWriter(cfg, self.store, self.index, on_event=self.metrics.event)
+        self.writer = SegmentWriter(cfg, self.store, self.index, on_event=self.metrics.event,
+                                    before_read=before_read)
         self.prefetcher = Prefetcher(
             self.store, budget_bytes=cfg.staging_budget_bytes, workers=cfg.max_connections,
             max_depth=cfg.prefetch_max_depth, deadline_s=cfg.retrieval_deadline_s,
@@ -125,6 +237,12 @@ class S3LayerCore:
             on_layer_fetched=self.metrics.layer_fetched, on_fault=self.metrics.fault,
             interest=self.index.pins)
         self.batcher = LookupBatcher(self._start_prefetch)
+        # A promise a retrieval is consuming is touched at every layer it asks for, and one ask
+        # waits at most the deadline: idle longer than the prefetch idle expiry plus that, it
+        # belongs to a look-up whose retrieval never came (its prefetch has expired too).
+        self.pool = PoolPromises(cfg.handoff_budget_bytes, cfg.prefetch_idle_timeout_s + cfg.retrieval_deadline_s,
+                                 clock)
+        self._pin_lock = threading.Lock()  # a pin and its promise are made and ended together
         self._bad_segments: dict[str, float] = {}
         self._lock = threading.Lock()
         self.metrics.bind_core(self)
@@ -132,12 +250,18 @@ class S3LayerCore:
     # ---- lookup ----------------------------------------------------------------------------
 
     def lookup(self, ns: Namespace, chunk_hashes: Sequence[int], *, pin: bool, num_layers: int,
-               prefetch: bool | None = None, token_shape: Sequence[int] | None = None) -> int:
+               prefetch: bool | None = None, token_shape: Sequence[int] | None = None,
+               reserve: bool | None = None) -> int:
         """Prefix hit count: memory index, then pointer look-ups; pins and prefetches hits.
 
         ``token_shape`` is the engine's per-token KV shape: a segment of another shape (another
         model config under the same name) is a miss here, before anything is promised to the
-        scheduler, instead of a failed retrieval later."""
+        scheduler, instead of a failed retrieval later.
+
+        A pinned hit is also a promise of LMCache pool memory (``PoolPromises``): the answer
+        stops at the first chunk the pool could not carry to the end of the retrieval.
+        ``reserve`` (default: pinned and ``prefetch`` not explicitly False, which the backend
+        passes for chunks the engine already holds and will not retrieve) says whether to."""
         locs = self.index.resolve(ns, chunk_hashes)
         shape = tuple(token_shape) if token_shape is not None else None
         hits = 0
@@ -148,15 +272,40 @@ class S3LayerCore:
                 break
             hits += 1
         do_prefetch = self.cfg.prefetch_on_lookup if prefetch is None else prefetch
-        for loc, h in zip(locs[:hits], chunk_hashes[:hits]):
-            if pin:
-                self.index.pin(ns, h)
-            if pin and do_prefetch:
-                self.batcher.add(ns, loc, num_layers)
+        if reserve is None:
+            reserve = prefetch is not False
+        found = hits
+        if pin:
+            for i, (loc, h) in enumerate(zip(locs[:found], chunk_hashes[:found])):
+                if not self._pin_hit(ns, loc, h, num_layers, reserve):
+                    hits = i
+                    break
+                if do_prefetch:
+                    self.batcher.add(ns, loc, num_layers)
+        if hits < found:
+            log.info("s3layer: %d cached chunk(s) answered as a miss: LMCache's CPU pool could not carry "
+                     "their retrieval to the end (%d of %d bytes promised)", found - hits, self.pool.promised,
+                     self.pool.budget)
         if hits < len(chunk_hashes) and pin:
             self.batcher.flush()  # the lookup ended at this miss
         self.metrics.lookup(hits, len(chunk_hashes) - hits)
         return hits
+
+    def _pin_hit(self, ns: Namespace, loc: Location, chunk_hash: int, num_layers: int, reserve: bool) -> bool:
+        """Pin a hit, after promising the pool its retrieval's memory; False: no room."""
+        with self._pin_lock:
+            key = (ns, normalize_hash(chunk_hash))
+            if reserve and not self.pool.promise(key, self._handoff_bytes(loc, num_layers)):
+                return False
+            self.index.pin(ns, chunk_hash)
+            return True
+
+    def _handoff_bytes(self, loc: Location, num_layers: int) -> int:
+        """Pool bytes a retrieval of this chunk holds by its last layer: every layer's buffer,
+        each rounded up to the pool's allocation granularity."""
+        align = self.cfg.handoff_align_bytes
+        per_layer = loc.tokens * loc.manifest.bytes_per_token
+        return num_layers * (-(-per_layer // align) * align)
 
     def contains(self, ns: Namespace, chunk_hash: int) -> bool:
         """Forward-path check: memory only (microseconds). Chunks reach memory through a
@@ -165,8 +314,12 @@ class S3LayerCore:
         return loc is not None and not self._is_bad(loc.manifest.segment_id)
 
     def unpin(self, ns: Namespace, chunk_hash: int) -> bool:
-        ok = self.index.unpin(ns, chunk_hash)
-        self.prefetcher.cancel_chunks(ns, [normalize_hash(chunk_hash)])
+        h = normalize_hash(chunk_hash)
+        with self._pin_lock:
+            ok = self.index.unpin(ns, h)
+            # Whether or not the index still had the pin: a promise never outlives the pins.
+            self.pool.release((ns, h), keep=self.index.pins(ns, h))
+        self.prefetcher.cancel_chunks(ns, [h])
         return ok
 
     def pin(self, ns: Namespace, chunk_hash: int) -> bool:
@@ -199,6 +352,8 @@ class S3LayerCore:
         """Verified handles of layer ``layer`` for these chunks, in order; raises RetrievalFailed."""
         self.batcher.flush()
         locs = self.locations(ns, chunk_hashes)
+        if self.pool.limited:
+            self.pool.touch([(ns, normalize_hash(h)) for h in chunk_hashes])
         t0 = time.perf_counter()
         try:
             handles = self.prefetcher.get_layer(ns, layer, locs, num_layers)
@@ -213,6 +368,8 @@ class S3LayerCore:
         """Non-layerwise path: every layer of each chunk (coalesced per segment run), verified.
         Returns per chunk its L layer buffers, or None from the first chunk that failed."""
         locs = [self.index.get(ns, h) for h in chunk_hashes]
+        if self.pool.limited:
+            self.pool.touch([(ns, normalize_hash(h)) for h in chunk_hashes])
         out: list[list[memoryview] | None] = [None] * len(locs)
         from .prefetch import _plan_runs
         n_ok = next((i for i, l in enumerate(locs) if l is None), len(locs))

@@ -141,7 +141,10 @@ class Retrieval:
         self.source = source
         self.created = now
         self.last_take = now
-        self.deadline = now + deadline_s
+        # Counted from the first consumer's first ask, not from the look-up: a request may
+        # wait in the engine's queue longer than the deadline without anything being slow. A
+        # look-up-time fetch nobody consumes is bounded by the idle expiry instead.
+        self.deadline: float | None = None
         self.deadline_s = deadline_s
         self.consume_intervals: list[float] = []
         self.runs = _plan_runs(self.locations)
@@ -320,6 +323,8 @@ class Prefetcher:
                         picks[i] = (r, k)
                 involved = list({id(p[0]): p[0] for p in picks}.values())
                 for r in involved:
+                    if r.deadline is None:
+                        r.deadline = now + r.deadline_s
                     if r.waiting_layer != layer and r.taken_upto >= 0 and layer > r.taken_upto:
                         r.consume_intervals.append(now - r.last_take)
                     r.waiting_layer = layer

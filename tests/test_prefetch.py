@@ -528,3 +528,88 @@ def test_lookups_on_two_threads_at_once_start_one_retrieval_each(store):
         assert sorted(started) == sorted([[(m.segment_id, i) for i in range(3)] for m in (a, b)])
     finally:
         batcher.close()
+
+
+class FakeClock:
+    """The prefetcher's clock, moved by the test: deadlines and idle expiry without sleeping."""
+
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def test_deadline_counts_from_the_first_ask_not_from_the_lookup(store):
+    """A request may wait in the engine's queue longer than the deadline after its look-up
+    started the prefetch: its retrieval still gets the whole deadline, from its first ask."""
+    m, layers = make_segment(store, 3, [16])
+    clock = FakeClock()
+    store.client.gate.clear()  # nothing arrives before the consumer asks
+    pf = Prefetcher(store, budget_bytes=1 << 30, workers=2, deadline_s=10, idle_timeout_s=1000, clock=clock)
+    try:
+        pf.prefetch(NS, locs(m), 3)  # at look-up
+        clock.advance(60)  # queued for six deadlines
+        opener = threading.Timer(0.2, store.client.gate.set)
+        opener.start()
+        for layer in range(3):
+            assert b"".join(bytes(b) for b in pf.get_layer(NS, layer, locs(m), 3)) == layers[layer]
+        opener.join()
+    finally:
+        store.client.gate.set()
+        pf.close()
+
+
+def test_deadline_still_bounds_a_retrieval_once_it_is_consumed(store):
+    m, _ = make_segment(store, 3, [16])
+    clock = FakeClock()
+    store.client.gate.clear()
+    alloc = CountingAllocator()
+    pf = Prefetcher(store, budget_bytes=1 << 30, workers=2, deadline_s=10, idle_timeout_s=1000, clock=clock,
+                    allocator=alloc)
+    errors = []
+
+    def consume():
+        try:
+            pf.get_layer(NS, 0, locs(m), 3)
+        except RetrievalFailed as exc:
+            errors.append(exc)
+
+    try:
+        pf.prefetch(NS, locs(m), 3)
+        clock.advance(60)
+        t = threading.Thread(target=consume)
+        t.start()
+        assert _wait_until(lambda: pf._waits or errors, 10)  # the consumer is waiting: its deadline is set
+        clock.advance(11)
+        t.join(10)
+        assert not t.is_alive() and len(errors) == 1 and "deadline" in str(errors[0])
+        store.client.gate.set()
+        assert _wait_until(lambda: pf.active() == 0 and alloc.live == 0, 10)
+    finally:
+        store.client.gate.set()
+        pf.close()
+
+
+def test_lookup_prefetch_nobody_consumes_is_bounded_by_idle_expiry(store):
+    """With no deadline before the first ask, a look-up-time fetch whose retrieval never
+    comes is released by the idle expiry alone."""
+    m, _ = make_segment(store, 3, [16])
+    clock = FakeClock()
+    alloc = CountingAllocator()
+    pf = Prefetcher(store, budget_bytes=1 << 30, workers=2, deadline_s=10, idle_timeout_s=30, clock=clock,
+                    allocator=alloc)
+    try:
+        pf.prefetch(NS, locs(m), 3)
+        assert _wait_until(lambda: pf.stats.layers_staged == 3, 10)
+        clock.advance(29)
+        time.sleep(0.3)  # a janitor round: not idle long enough yet
+        assert pf.active() == 1 and pf.stats.idle_expired == 0
+        clock.advance(2)
+        assert _wait_until(lambda: pf.active() == 0 and alloc.live == 0, 10)  # real time: the clock is fake
+        assert pf.stats.idle_expired == 1
+    finally:
+        pf.close()
