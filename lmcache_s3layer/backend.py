@@ -9,8 +9,10 @@ Where each method runs (LMCache non-MP mode inside a vLLM worker):
   ``retrieve_layer``; answered from memory;
 - ``batched_submit_put_task``: the forward thread, once per layer (layerwise) or once per
   store (non-layerwise); never blocks on I/O;
-- ``batched_get_non_blocking``: a coroutine on the StorageManager's event loop thread,
-  once per layer; the blocking wait runs on our own executor so the loop stays free;
+- ``batched_get_non_blocking``: called on the forward thread (``retrieve_layer`` creates the
+  request there, once per layer and retrieval, in stepping order); the coroutine it returns
+  runs on the StorageManager's event loop thread and waits on our own executor, so the loop
+  stays free;
 - ``get_blocking`` / ``batched_get_blocking``: the forward thread (non-layerwise retrieve).
 
 Configure it in LMCache's YAML (see README, "Configuration"):
@@ -22,10 +24,11 @@ Configure it in LMCache's YAML (see README, "Configuration"):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -35,11 +38,14 @@ from lmcache.v1.storage_backend.abstract_backend import StoragePluginInterface
 
 from .config import S3LayerConfig
 from .core import S3LayerCore
-from .errors import ConfigError, RetrievalFailed, S3LayerError, StorageError
+from .errors import ConfigError, FormatError, RetrievalFailed, S3LayerError, StorageError
 from .guards import StartupError, check_engine_config, plugin_name_of
+from .handoff import HandOff, Retrieval
 from .layout import Namespace
 
 log = logging.getLogger(__name__)
+
+_ALL = object()  # prefetch_suppressed() without hashes: no chunk is prefetched
 
 
 class MemoryObjAllocator:
@@ -86,8 +92,8 @@ class S3LayerBackend(StoragePluginInterface):
                          local_cpu_backend=local_cpu_backend, loop=loop)
         self.core: S3LayerCore | None = None
         self._ns_cache: dict[tuple, Namespace] = {}
-        self._handed: dict[tuple, list[MemoryObj]] = {}
-        self._handed_lock = threading.Lock()
+        self._handoff: HandOff | None = None
+        self._no_prefetch = threading.local()
         extra = dict(getattr(config, "extra_config", None) or {})
         _warn_on_literal_secrets(extra)
         fail_fast = str(extra.get("s3layer.fail_fast", "true")).lower() not in ("0", "false", "no", "off")
@@ -95,21 +101,34 @@ class S3LayerBackend(StoragePluginInterface):
         try:
             self.cfg = S3LayerConfig.from_extra_config(extra)
             self.name = plugin_name_of(config, type(self))
-            check_engine_config(config, self.cfg, self.name)
             if metadata is None:
                 raise ConfigError("LMCache gave the plugin no engine metadata")
+            check_engine_config(config, self.cfg, self.name, metadata=metadata)
             self.num_layers = int(metadata.kv_shape[0])
             self.use_layerwise = bool(getattr(config, "use_layerwise", False))
+            self.use_mla = bool(getattr(metadata, "use_mla", False))
+            # With MLA every TP rank holds the same latent KV and LMCache collapses the keys'
+            # world size to 1 (save_only_first_rank): rank 0 stores, every rank reads rank
+            # 0's objects. Ranks > 0 get no lookup (LMCache runs the MLA lookup server on
+            # rank 0 only), so their forward-path ``contains`` must resolve misses itself.
+            self._follower = self.use_mla and int(getattr(metadata, "worker_id", 0)) > 0
+            _check_namespace(metadata)
             if local_cpu_backend is None:
                 # Scheduler role: no KV moves here; lookups are answered by the workers.
                 log.info("s3layer: no LocalCPUBackend (scheduler role); plugin idle in this process")
                 return
-            self._fmt = MemoryFormat.KV_T2D
+            # LMCache's layerwise connectors assert the per-layer format: [T, 2, D] for
+            # K/V models, [T, D] for MLA's single latent.
+            self._fmt = MemoryFormat.KV_MLA_FMT if self.use_mla else MemoryFormat.KV_T2D
             self._dtype = metadata.kv_dtype
             self._token_shape = _token_shape(metadata)
             allocator = MemoryObjAllocator(local_cpu_backend, self._dtype, self._token_shape, self._fmt)
-            cfg = _fit_budget_to_pool(self.cfg, config)
-            self.core = S3LayerCore(cfg, allocator=allocator)
+            cfg = _fit_budget_to_pool(self.cfg, config, local_cpu_backend)
+            # LMCache fills a store's buffers with asynchronous device copies and puts them
+            # when its sync flags say so, which only the first storing request of a step
+            # has: an upload reads them only after a device fence.
+            fence = device_fence(dst_device)
+            self.core = S3LayerCore(cfg, allocator=allocator, before_read=fence)
             self.core.client.check_bucket()
         except (S3LayerError, ValueError) as exc:
             msg = (f"lmcache-s3layer could not start: {exc}. The KV cache would silently do nothing, "
@@ -130,6 +149,8 @@ class S3LayerBackend(StoragePluginInterface):
             return
         self._executor = ThreadPoolExecutor(8, thread_name_prefix="s3layer-handoff")
         self._convert = ThreadPoolExecutor(1, thread_name_prefix="s3layer-2ltd")
+        self._handoff = HandOff(fence)
+        _close_before(local_cpu_backend, self.close)
         log.info("s3layer: bucket %s, prefix %r, %d layers, staging budget %d MiB, layerwise=%s",
                  self.cfg.bucket, self.cfg.prefix, self.num_layers, cfg.staging_budget_bytes >> 20,
                  self.use_layerwise)
@@ -140,9 +161,54 @@ class S3LayerBackend(StoragePluginInterface):
         k = (key.model_name, key.world_size, key.worker_id, key._dtype_str, key.tags)
         ns = self._ns_cache.get(k)
         if ns is None:
-            ns = self._ns_cache[k] = Namespace(key.model_name, key.world_size, key.worker_id,
+            # A key whose worker id is past its world size is LMCache's MLA collapse
+            # (world size 1 on every rank): every rank shares rank 0's objects.
+            worker = key.worker_id if key.worker_id < key.world_size else 0
+            ns = self._ns_cache[k] = Namespace(key.model_name, key.world_size, worker,
                                                key._dtype_str, tuple(sorted(key.tags or ())))
         return ns
+
+    def _ns_or_none(self, key: CacheEngineKey) -> Namespace | None:
+        """The namespace of a key, or None (a miss) for a key no object can belong to: a
+        lookup must never raise into LMCache's forward path."""
+        try:
+            return self._ns(key)
+        except FormatError as exc:
+            log.warning("s3layer: treating key %s as a miss: %s", key.to_string(), exc)
+            return None
+
+    def _is_mla_copy(self, key: CacheEngineKey) -> bool:
+        """A store of MLA KV by a rank > 0: the same bytes rank 0 stores."""
+        return self.use_mla and key.worker_id >= key.world_size
+
+    @contextlib.contextmanager
+    def prefetch_suppressed(self, chunk_hashes: Optional[Iterable[int]] = None):
+        """Pinned look-ups on this thread inside the block answer and pin as usual but start
+        no prefetch for these chunks (all chunks when None): chunks the engine already holds
+        (vLLM's own prefix cache), which LMCache will not retrieve. LMCache's lookup server
+        calls ``contains``/``batched_contains`` synchronously on its own thread, so a
+        thread-local reaches exactly that look-up. Such a chunk is still fetched on demand if
+        a retrieval asks for it after all."""
+        before = getattr(self._no_prefetch, "hashes", None)
+        self._no_prefetch.hashes = _ALL if chunk_hashes is None else frozenset(chunk_hashes)
+        try:
+            yield
+        finally:
+            self._no_prefetch.hashes = before
+
+    def _lookup(self, ns: Namespace, hashes: list[int], pin: bool) -> int:
+        skip = getattr(self._no_prefetch, "hashes", None)
+        # The chunks vLLM holds are a prefix of any look-up (hashes are chained from token 0).
+        n = 0 if skip is None else len(hashes) if skip is _ALL else \
+            next((i for i, h in enumerate(hashes) if h not in skip), len(hashes))
+        hits = self._core_lookup(ns, hashes[:n], pin, prefetch=False) if n else 0
+        if hits < n or n == len(hashes):
+            return hits
+        return hits + self._core_lookup(ns, hashes[n:], pin, prefetch=None)
+
+    def _core_lookup(self, ns: Namespace, hashes: list[int], pin: bool, prefetch: bool | None) -> int:
+        return self.core.lookup(ns, hashes, pin=pin, num_layers=self.num_layers, token_shape=self._token_shape,
+                                prefetch=prefetch)
 
     @staticmethod
     def _is_primary(key: CacheEngineKey) -> bool:
@@ -154,24 +220,28 @@ class S3LayerBackend(StoragePluginInterface):
     def contains(self, key: CacheEngineKey, pin: bool = False) -> bool:
         if self.core is None:
             return False
-        ns = self._ns(key)
+        ns = self._ns_or_none(key)
+        if ns is None:
+            return False
         if pin:
-            return self.core.lookup(ns, [key.chunk_hash], pin=True, num_layers=self.num_layers,
-                                    token_shape=self._token_shape) == 1
-        return self.core.contains(ns, key.chunk_hash)
+            return self._lookup(ns, [key.chunk_hash], True) == 1
+        if self.core.contains(ns, key.chunk_hash):
+            return True
+        # An MLA follower rank was never asked to look up: resolve from the store (pointer
+        # look-ups bounded by lookup_timeout_s, misses remembered by the negative cache).
+        return self._follower and self._lookup(ns, [key.chunk_hash], False) == 1
 
     def batched_contains(self, keys: List[CacheEngineKey], pin: bool = False) -> int:
         """Prefix hit count. Layerwise lookup passes the L layer keys of one chunk: one check
         for the chunk answers all of them (a chunk is committed with every layer or not at all)."""
         if self.core is None or not keys:
             return 0
-        ns = self._ns(keys[0])
+        ns = self._ns_or_none(keys[0])
+        if ns is None:
+            return 0
         if all(isinstance(k, LayerCacheEngineKey) for k in keys) and len({k.chunk_hash for k in keys}) == 1:
-            hit = self.core.lookup(ns, [keys[0].chunk_hash], pin=pin, num_layers=self.num_layers,
-                                   token_shape=self._token_shape)
-            return len(keys) if hit else 0
-        return self.core.lookup(ns, [k.chunk_hash for k in keys], pin=pin, num_layers=self.num_layers,
-                                token_shape=self._token_shape)
+            return len(keys) if self._lookup(ns, [keys[0].chunk_hash], pin) else 0
+        return self._lookup(ns, [k.chunk_hash for k in keys], pin)
 
     async def batched_async_contains(self, lookup_id: str, keys: List[CacheEngineKey], pin: bool = False) -> int:
         if self.core is None:
@@ -179,25 +249,27 @@ class S3LayerBackend(StoragePluginInterface):
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.batched_contains, keys, pin)
 
     def pin(self, key: CacheEngineKey) -> bool:
-        if self.core is None:
+        ns = None if self.core is None else self._ns_or_none(key)
+        if ns is None:
             return False
-        return self.core.pin(self._ns(key), key.chunk_hash) if self._is_primary(key) else \
-            self.core.contains(self._ns(key), key.chunk_hash)
+        return self.core.pin(ns, key.chunk_hash) if self._is_primary(key) else self.core.contains(ns, key.chunk_hash)
 
     def unpin(self, key: CacheEngineKey) -> bool:
-        if self.core is None or not self._is_primary(key):
+        ns = None if self.core is None or not self._is_primary(key) else self._ns_or_none(key)
+        if ns is None:
             return False
-        return self.core.unpin(self._ns(key), key.chunk_hash)
+        return self.core.unpin(ns, key.chunk_hash)
 
     # ---- write -----------------------------------------------------------------------------
 
     def exists_in_put_tasks(self, key: CacheEngineKey) -> bool:
-        return self.core is not None and self.core.is_pending(self._ns(key), key.chunk_hash)
+        ns = None if self.core is None else self._ns_or_none(key)
+        return ns is not None and self.core.is_pending(ns, key.chunk_hash)
 
     def batched_submit_put_task(self, keys: Sequence[CacheEngineKey], objs: List[MemoryObj], transfer_spec=None,
                                 on_complete_callback: Optional[Callable[[CacheEngineKey], None]] = None):
-        if self.core is None or not keys:
-            return None
+        if self.core is None or not keys or self._is_mla_copy(keys[0]):
+            return None  # (LMCache drops its reference to objs when we return)
         fmt = objs[0].get_memory_format()
         if fmt == MemoryFormat.KV_2LTD:
             self._put_2ltd(list(keys), list(objs), on_complete_callback)
@@ -252,43 +324,41 @@ class S3LayerBackend(StoragePluginInterface):
 
     # ---- layerwise read --------------------------------------------------------------------
 
-    async def batched_get_non_blocking(self, lookup_id: str, keys: list[CacheEngineKey],
-                                       transfer_spec=None) -> list[MemoryObj]:
+    def batched_get_non_blocking(self, lookup_id: str, keys: list[CacheEngineKey],
+                                 transfer_spec=None):
         """All chunks of one layer, complete, ordered and verified, or an exception.
 
         Never a short list: LMCache would silently leave those tokens unloaded (its
         ``batched_to_gpu`` zips objects with token ranges) while vLLM believes them loaded.
+
+        Deliberately a plain method returning the coroutine: LMCache calls it on the forward
+        thread, in stepping order, which is what tells the hand-off which retrieval a request
+        belongs to (``handoff.HandOff``); the coroutine then runs on LMCache's event loop.
         """
+        if self.core is None or not keys:
+            return self._get_layer(None, keys, None)
+        layer = keys[0].layer_id if isinstance(keys[0], LayerCacheEngineKey) else 0
+        ns = self._ns(keys[0])
+        retrieval = self._handoff.begin((ns, tuple(k.chunk_hash for k in keys)), layer)
+        return self._get_layer(ns, keys, retrieval)
+
+    async def _get_layer(self, ns: Namespace | None, keys: list[CacheEngineKey],
+                         retrieval: Retrieval | None) -> list[MemoryObj]:
         if self.core is None:
             raise RetrievalFailed("s3layer is not running in this process")
         if not keys:
             return []
         layer = keys[0].layer_id if isinstance(keys[0], LayerCacheEngineKey) else 0
-        ns = self._ns(keys[0])
-        hashes = [k.chunk_hash for k in keys]
-        rid = (ns, tuple(hashes))
-        fut = self._executor.submit(self.core.get_layer, ns, layer, hashes, self.num_layers)
+        fut = self._executor.submit(self.core.get_layer, ns, layer, [k.chunk_hash for k in keys], self.num_layers)
         try:
             objs = await asyncio.wrap_future(fut)
         except RetrievalFailed:
-            self._release_handed(rid)
+            self._handoff.failed(retrieval)
             log.error("s3layer: layer %d of %d chunks could not be fetched and verified; failing this "
                       "retrieval (no partial KV is served)", layer, len(keys))
             raise
-        with self._handed_lock:
-            if layer == self.num_layers - 1:
-                self._handed.pop(rid, None)  # LMCache counts down every layer's objects at the end
-            else:
-                self._handed.setdefault(rid, []).extend(objs)
+        self._handoff.handed(retrieval, objs, last=layer == self.num_layers - 1)
         return objs
-
-    def _release_handed(self, rid) -> None:
-        # LMCache's retrieve_layer dies at ``task.result()`` and never reaches its
-        # ref_count_down loop, so the layers we already handed out are ours to free.
-        with self._handed_lock:
-            objs = self._handed.pop(rid, [])
-        for o in objs:
-            o.ref_count_down()
 
     # ---- non-layerwise read ----------------------------------------------------------------
 
@@ -338,6 +408,7 @@ class S3LayerBackend(StoragePluginInterface):
             self.core = None
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._convert.shutdown(wait=True)
+            self._handoff.close()
 
     def flush(self, timeout: float | None = 60.0) -> bool:
         """Wait until every accepted store is committed (tests, examples, graceful shutdown)."""
@@ -345,6 +416,45 @@ class S3LayerBackend(StoragePluginInterface):
             return True
         self._convert.submit(lambda: None).result(timeout=timeout)
         return self.core.flush(timeout)
+
+
+def device_fence(dst_device: Any) -> Callable[[], None]:
+    """A call that returns once every device copy queued before it has finished."""
+    device = torch.device(dst_device or "cpu")
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    # CPU: LMCache's copies are synchronous, except in the CPU connector's deferred copy
+    # mode, which models a device's streams and has its own synchronisation.
+    from .cpu_connector import device_synchronize
+
+    return device_synchronize
+
+
+def _close_before(local_cpu_backend, close: Callable[[], None]) -> None:
+    """Run ``close`` when LMCache closes its LocalCPUBackend, before the pool's memory goes.
+
+    StorageManager closes its backends in creation order, LocalCPU first and plugins last, so
+    our prefetch workers, uploads and hand-off releases would otherwise still be writing
+    into, reading from or returning buffers of a pool already freed."""
+    pool_close = local_cpu_backend.close
+
+    def close_plugin_then_pool() -> None:
+        try:
+            close()
+        finally:
+            pool_close()
+
+    local_cpu_backend.close = close_plugin_then_pool
+
+
+def _check_namespace(metadata) -> None:
+    """Refuse at start-up an engine whose keys no object could be stored under."""
+    from lmcache.utils import TORCH_DTYPE_TO_STR_DTYPE
+
+    dtype = TORCH_DTYPE_TO_STR_DTYPE.get(metadata.kv_dtype)
+    if dtype is None:
+        raise ConfigError(f"KV cache dtype {metadata.kv_dtype} has no LMCache name")
+    Namespace(str(metadata.model_name), int(metadata.world_size), 0, dtype)
 
 
 def _token_shape(metadata) -> tuple[int, ...]:
@@ -355,13 +465,29 @@ def _token_shape(metadata) -> tuple[int, ...]:
     return (2, hidden)
 
 
-def _fit_budget_to_pool(cfg: S3LayerConfig, config) -> S3LayerConfig:
-    """Staging buffers come from LocalCPU's pool; a budget larger than the pool would only
-    make allocations fail, so cap it (leaving room for stores) and say so."""
-    pool = int(float(getattr(config, "max_local_cpu_size", 0) or 0) * 1024**3)
-    if pool and cfg.staging_budget_bytes > pool * 3 // 4:
-        capped = pool * 3 // 4
-        log.warning("s3layer: staging_budget_bytes %d exceeds 3/4 of max_local_cpu_size (%d bytes); using %d",
-                    cfg.staging_budget_bytes, pool, capped)
-        return cfg.replace(staging_budget_bytes=capped)
-    return cfg
+def _fit_budget_to_pool(cfg: S3LayerConfig, config, local_cpu_backend=None) -> S3LayerConfig:
+    """Fit the read path to LocalCPU's pool, as really allocated (LMCache may size it other
+    than ``max_local_cpu_size``): staging buffers come from it, so a staging budget larger
+    than the pool would only make allocations fail (capped at 3/4, leaving room for stores);
+    and LMCache holds every layer it was handed in it until a retrieval ends, so look-ups may
+    promise no more than it holds (``handoff_budget_bytes``; a smaller user setting stands)."""
+    allocator = getattr(local_cpu_backend, "memory_allocator", None)
+    pool = getattr(allocator, "size", None)  # MixedMemoryAllocator: the pinned buffer's bytes
+    if not isinstance(pool, int) or pool <= 0:
+        buffer = getattr(getattr(allocator, "pin_allocator", allocator), "buffer", None)
+        pool = int(buffer.numel() * buffer.element_size()) if isinstance(buffer, torch.Tensor) else 0
+    if pool <= 0:
+        pool = int(float(getattr(config, "max_local_cpu_size", 0) or 0) * 1024**3)
+    if pool <= 0:
+        return cfg
+    align = getattr(allocator, "align_bytes", None)
+    changes: dict[str, int] = {"handoff_budget_bytes": min(cfg.handoff_budget_bytes or pool, pool)}
+    if isinstance(align, int) and align > 0:
+        changes["handoff_align_bytes"] = align
+    if cfg.staging_budget_bytes > pool * 3 // 4:
+        changes["staging_budget_bytes"] = pool * 3 // 4
+        log.warning("s3layer: staging_budget_bytes %d exceeds 3/4 of LMCache's CPU pool (%d bytes); using %d",
+                    cfg.staging_budget_bytes, pool, changes["staging_budget_bytes"])
+    log.info("s3layer: LMCache CPU pool %d bytes; look-ups may promise retrievals up to %d bytes of it",
+             pool, changes["handoff_budget_bytes"])
+    return cfg.replace(**changes)

@@ -76,9 +76,16 @@ __all__ = [
     "LAYOUT_FLASH_ATTN",
     "LAYOUT_FLASH_INFER",
     "LAYOUT_MLA",
+    "COPY_ENV_VAR",
+    "DeferredCopies",
+    "device_synchronize",
 ]
 
 ENV_VAR = "S3LAYER_CPU_CONNECTOR"
+# "immediate" (default) or "deferred": see DeferredCopies.
+COPY_ENV_VAR = "S3LAYER_CPU_COPY"
+COPY_IMMEDIATE = "immediate"
+COPY_DEFERRED = "deferred"
 
 LAYOUT_VLLM_CPU = "vllm_cpu"
 LAYOUT_FLASH_ATTN = "flash_attn"
@@ -121,6 +128,112 @@ def vllm_cpu_attn_isa(dtype: torch.dtype, block_size: int, head_size: int) -> st
         return "amx"
     return "vec" if block_size % 32 == 0 else "vec16"
 
+class DeferredCopies:
+    """A CPU model of a CUDA device's asynchronous copies, as hostile as the GPU is.
+
+    LMCache's CUDA layerwise connector enqueues each layer's device<->host copy on a stream
+    of its own and returns at once; only a ``sync`` flag (one request per batch) or a device
+    synchronisation makes the host wait for it, and LMCache hands buffers back to its pool
+    by reference count, not by copy completion. A synchronous CPU connector hides every
+    mistake that timing allows. In the ``deferred`` copy mode the CPU connector behaves like
+    the device instead:
+
+    - store (device -> host): the paged KV is read when the copy is enqueued (the stream is
+      ordered after the compute that wrote it), but the host buffer is filled only at a
+      synchronisation point; until then it holds poison bytes, so a reader that does not
+      wait uploads poison;
+    - load (host -> device): the host buffer is read only at a synchronisation point (a
+      ``sync`` request's wait, or :func:`device_synchronize`), so a buffer freed and reused
+      in between delivers someone else's bytes;
+    - a buffer returned to LMCache's pool is poisoned at once, so any late read of a freed
+      buffer shows up as wrong KV instead of passing by luck.
+
+    The streams are shared by every request of a connector, as LMCache's are (one
+    ``load_stream``, one ``store_stream``): one request's sync covers everything enqueued
+    before it. Thread-safe: device synchronisation may come from any thread.
+    """
+
+    POISON = 0xA5  # bf16/fp16 0xA5A5 is a finite value no random test tensor holds exactly
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._pending: dict[str, list[Callable[[], None]]] = {"load": [], "store": []}
+        self.copies_enqueued = 0
+        self.copies_done = 0
+        self.buffers_poisoned = 0
+
+    def enqueue(self, stream: str, copy: Callable[[], None]) -> None:
+        with self._lock:
+            self._pending[stream].append(copy)
+            self.copies_enqueued += 1
+
+    def synchronize(self, stream: Optional[str] = None) -> None:
+        """Run the pending copies of ``stream`` (all streams when None), in order."""
+        # Any thread may synchronise (a fence on an upload or release thread), and the KV
+        # caches are inference tensors LMCache writes under inference mode. A copy that raises
+        # is reported to the synchronising caller; the copies after it stay pending.
+        with self._lock, torch.inference_mode():
+            for name in (stream,) if stream else tuple(self._pending):
+                queue = self._pending[name]
+                while queue:
+                    queue.pop(0)()
+                    self.copies_done += 1
+
+    def pending(self) -> int:
+        with self._lock:
+            return sum(len(v) for v in self._pending.values())
+
+    def poison(self, memory_obj: MemoryObj) -> None:
+        t = memory_obj.tensor
+        if t is not None:
+            t.view(-1).view(torch.uint8).fill_(self.POISON)
+
+    def poison_freed_buffers_of(self, memory_obj: MemoryObj) -> None:
+        """Poison every buffer the pool that ``memory_obj`` came from takes back (idempotent)."""
+        alloc = getattr(memory_obj, "parent_allocator", None)
+        if alloc is None or getattr(alloc, "_s3layer_poisons_freed", False):
+            return
+        free, batched_free = alloc.free, getattr(alloc, "batched_free", None)
+
+        def poison_all(objs) -> None:
+            # A pool already closed has no memory left to write (late garbage collection).
+            if getattr(alloc, "_unregistered", False):
+                return
+            for obj in objs:
+                self.poison(obj)
+            self.buffers_poisoned += len(objs)
+
+        def poisoning_free(obj, *args, **kwargs):
+            poison_all([obj])
+            return free(obj, *args, **kwargs)
+
+        alloc.free = poisoning_free
+        if batched_free is not None:
+            def poisoning_batched_free(objs, *args, **kwargs):
+                poison_all(objs)
+                return batched_free(objs, *args, **kwargs)
+
+            alloc.batched_free = poisoning_batched_free
+        alloc._s3layer_poisons_freed = True
+
+
+# One modelled device per process, like one CUDA device per vLLM worker.
+DEVICE = DeferredCopies()
+
+
+def device_synchronize() -> None:
+    """``torch.cuda.synchronize()`` for the CPU connector: every pending deferred copy lands.
+    A no-op in the immediate copy mode (nothing is ever pending)."""
+    DEVICE.synchronize()
+
+
+def _copy_mode(explicit: Optional[str]) -> str:
+    mode = (explicit or os.environ.get(COPY_ENV_VAR) or COPY_IMMEDIATE).strip().lower()
+    if mode not in (COPY_IMMEDIATE, COPY_DEFERRED):
+        raise ValueError(f"{COPY_ENV_VAR} / copy_mode must be {COPY_IMMEDIATE!r} or {COPY_DEFERRED!r}, "
+                         f"got {mode!r}")
+    return mode
+
 
 @dataclass(frozen=True)
 class _Layout:
@@ -152,13 +265,13 @@ class CPULayerwiseConnector(VLLMPagedMemLayerwiseGPUConnector):
     is used. The generator protocols match the parent exactly:
 
     * ``batched_from_gpu(memory_objs, starts, ends, **kw)``: ``memory_objs[layer][chunk]``;
-      yields ``num_layers + 1`` times; layer ``i``'s objects are filled before the
-      ``(i+1)``-th ``next()`` returns (``store_layer`` puts layer ``i`` right after the
-      ``(i+2)``-th).
+      yields ``num_layers + 1`` times; in the immediate copy mode layer ``i``'s objects
+      are filled before the ``(i+1)``-th ``next()`` returns (``store_layer`` puts layer
+      ``i`` right after the ``(i+2)``-th); in the deferred mode only at a ``sync``.
     * ``batched_to_gpu(starts, ends, **kw)``: primed with one ``next()``, then receives
       each layer's object list through ``send()``; yields ``num_layers + 2`` times in
-      all. Each ``send()`` returns only after that layer is in the paged cache (copies
-      are synchronous on CPU, so ``sync`` needs no stream work).
+      all. In the immediate mode each ``send()`` returns only after that layer is in the
+      paged cache; in the deferred mode, as on a GPU, only a ``sync`` wait makes it land.
 
     Like the parent it never changes reference counts or pins of the objects it is
     given: ``retrieve_layer`` does the ``ref_count_down``/``unpin`` itself, and there is
@@ -172,7 +285,8 @@ class CPULayerwiseConnector(VLLMPagedMemLayerwiseGPUConnector):
 
     Extra keyword arguments: ``kv_layout`` (a layout name above or a hint such as
     ``"HND"``), ``cpu_attn_isa`` (``vec``/``vec16``/``amx``/``plain``; default: ask
-    vLLM), ``strict_chunk_count`` (default True).
+    vLLM), ``strict_chunk_count`` (default True), ``copy_mode`` (``immediate`` or
+    ``deferred``, default from ``S3LAYER_CPU_COPY``; see :class:`DeferredCopies`).
     """
 
     def __init__(
@@ -204,6 +318,9 @@ class CPULayerwiseConnector(VLLMPagedMemLayerwiseGPUConnector):
         # A short object list would leave tokens unloaded while ret_mask claims them;
         # the CUDA parent zips silently, we fail loudly unless told otherwise.
         self.strict_chunk_count = bool(kwargs.get("strict_chunk_count", True))
+        # "deferred": copies land only at sync points, freed buffers are poisoned
+        # (DeferredCopies); the default copies synchronously.
+        self.copy_mode = _copy_mode(kwargs.get("copy_mode"))
         self._layout: Optional[_Layout] = None
         # No load_stream/store_stream attributes on purpose: LMCacheEngine falls back
         # to torch_dev.Stream() (a CPU stub) when they are absent.
@@ -448,8 +565,18 @@ class CPULayerwiseConnector(VLLMPagedMemLayerwiseGPUConnector):
             )
 
     def _copy_out(self, cache: torch.Tensor, plan: _ChunkPlan, memory_obj: MemoryObj) -> None:
+        if self.copy_mode == COPY_IMMEDIATE:
+            self._write_obj(memory_obj, plan, self._gather(cache, plan.block_idx, plan.block_off))
+            return
+        # Deferred: the device reads the paged KV in stream order (now), but the host buffer
+        # is written only when the store stream is synchronised; until then it is poison.
+        DEVICE.poison_freed_buffers_of(memory_obj)
+        gathered = self._gather(cache, plan.block_idx, plan.block_off).clone()
+        DEVICE.poison(memory_obj)
+        DEVICE.enqueue("store", lambda: self._write_obj(memory_obj, plan, gathered))
+
+    def _write_obj(self, memory_obj: MemoryObj, plan: _ChunkPlan, gathered: torch.Tensor) -> None:
         dst = self._obj_view(memory_obj, plan)
-        gathered = self._gather(cache, plan.block_idx, plan.block_off)
         if plan.token_idx is None:
             dst.copy_(gathered)
         else:
@@ -469,8 +596,12 @@ class CPULayerwiseConnector(VLLMPagedMemLayerwiseGPUConnector):
     # ---------------------------------------------------------------- protocols
 
     def batched_from_gpu(self, memory_objs, starts: List[int], ends: List[int], **kwargs: Any):
-        """Paged CPU cache -> ``memory_objs[layer][chunk]``; yields ``num_layers + 1`` times."""
+        """Paged CPU cache -> ``memory_objs[layer][chunk]``; yields ``num_layers + 1`` times.
+
+        As in LMCache's CUDA connector, layer ``i``'s copy is issued at step ``i + 1`` and,
+        when ``sync``, waited for at step ``i + 2`` (before ``store_layer`` puts layer ``i``)."""
         plans = self._prepare(starts, ends, kwargs)
+        sync = bool(kwargs["sync"])
         if len(memory_objs) != self.num_layers:
             raise ValueError(f"memory_objs has {len(memory_objs)} layers, expected {self.num_layers}")
         for layer_id in range(self.num_layers):
@@ -482,26 +613,47 @@ class CPULayerwiseConnector(VLLMPagedMemLayerwiseGPUConnector):
                 if self.use_mla:
                     memory_obj.metadata.fmt = MemoryFormat.KV_MLA_FMT
             yield
+            if sync:
+                DEVICE.synchronize("store")  # the parent's store_stream.synchronize()
         yield
 
     def batched_to_gpu(self, starts: List[int], ends: List[int], **kwargs: Any):
-        """Objects sent per layer -> paged CPU cache; yields ``num_layers + 2`` times in all."""
+        """Objects sent per layer -> paged CPU cache; yields ``num_layers + 2`` times in all.
+
+        In the deferred copy mode a layer's copy reads the objects only when a ``sync``
+        request waits on the load stream (the parent's ``current_stream.wait_stream``), at its
+        next layer or its last step, or at :func:`device_synchronize`."""
         plans = self._prepare(starts, ends, kwargs)
+        sync = bool(kwargs["sync"])
+        deferred = self.copy_mode == COPY_DEFERRED
         fmt = self._expected_fmt()
         for layer_id in range(self.num_layers):
             layer_objs = yield
             if layer_objs is None:
                 raise ValueError(f"layer {layer_id}: expected send(list of MemoryObj), got next()")
+            if sync:
+                DEVICE.synchronize("load")
             self._check_count(len(layer_objs), len(plans), f"retrieve layer {layer_id}")
             cache = self.kvcaches[layer_id]  # type: ignore[index]
             for plan, memory_obj in zip(plans, layer_objs):
                 if memory_obj.metadata.fmt != fmt:
                     raise ValueError(f"expected memory format {fmt}, got {memory_obj.metadata.fmt}")
-                self._copy_in(cache, plan, memory_obj)
+                if deferred:
+                    DEVICE.poison_freed_buffers_of(memory_obj)
+                    DEVICE.enqueue("load", functools.partial(self._copy_in, cache, plan, memory_obj))
+                else:
+                    self._copy_in(cache, plan, memory_obj)
         # Parent: the first post-loop yield lets retrieve_layer drop its references,
         # the second is its "wait for the last layer" step.
         yield
+        if sync:
+            DEVICE.synchronize("load")
         yield
+
+    def wait_for_loads(self) -> None:
+        """What a ``sync`` retrieval's wait does (the parent's ``current_stream.wait_stream(
+        load_stream)``): every load copy enqueued so far lands before compute goes on."""
+        DEVICE.synchronize("load")
 
     def get_shape(self, num_tokens: int) -> torch.Size:
         if self.use_mla:

@@ -75,7 +75,24 @@ def check_single_location(config: Any, name: str) -> None:
             f"staging allocator) and no other backend, or set retrieve_locations: [{name}]")
 
 
-def check_engine_config(config: Any, cfg: S3LayerConfig, name: str, environ=os.environ) -> None:
+def check_supported_mode(config: Any, metadata: Any = None) -> None:
+    """Modes whose objects or call pattern the plugin does not serve: refused here, instead of
+    failing inside LMCache's forward path later."""
+    if getattr(config, "enable_pd", False):
+        raise ConfigError("enable_pd (disaggregated prefill) moves KV between instances through LMCache's "
+                          "PD backend, which bypasses storage plugins; lmcache-s3layer cannot serve it. "
+                          "Turn enable_pd off, or do not list the plugin in storage_plugins")
+    if getattr(config, "enable_blending", False):
+        raise ConfigError("enable_blending (CacheBlend) uses the KV_2TD per-layer format and its own "
+                          "connector; lmcache-s3layer stores KV_T2D / MLA layers only. Turn enable_blending off")
+    if metadata is not None and getattr(metadata, "use_mla", False) and not getattr(config, "use_layerwise", False):
+        raise ConfigError("an MLA model without use_layerwise: LMCache would hand the plugin whole "
+                          "KV_MLA_FMT chunks, which it does not store; set use_layerwise: true")
+
+
+def check_engine_config(config: Any, cfg: S3LayerConfig, name: str, environ=os.environ,
+                        metadata: Any = None) -> None:
+    check_supported_mode(config, metadata)
     check_hash_seed(config, cfg, environ)
     check_single_location(config, name)
     size = float(getattr(config, "max_local_cpu_size", 0) or 0)

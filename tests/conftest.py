@@ -20,6 +20,12 @@ from typing import Iterator, Union
 
 import pytest
 
+# Every LMCache engine in the suite (engine, fault, load and vLLM end-to-end tests, including
+# vLLM's worker processes, which inherit the environment) copies the way a GPU does: copies
+# land only at sync points and freed buffers are poisoned (cpu_connector.DeferredCopies).
+# Unit tests of the synchronous mode ask for it explicitly.
+os.environ.setdefault("S3LAYER_CPU_COPY", "deferred")
+
 
 @dataclass(frozen=True)
 class S3Endpoint:

@@ -36,6 +36,7 @@ os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
 LAYOUT_VLLM_CPU = "vllm_cpu"  # [NB, H, BS, 2*D]; K rows then V rows per (block, head)
 LAYOUT_FLASH_ATTN = "flash_attn"  # [2, NB, BS, H, D]
 LAYOUT_FLASH_INFER = "flash_infer"  # [NB, 2, BS, H, D]
+LAYOUT_MLA = "mla"  # [NB, BS, D]: one latent per token, no K/V split
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class KVSpec:
     model_name: str = "s3layer/test-model"
     world_size: int = 1
     worker_id: int = 0
+    use_mla: bool = False  # then num_kv_heads is 1 and head_size the latent width
 
     @property
     def hidden(self) -> int:
@@ -57,8 +59,16 @@ class KVSpec:
 
     @property
     def kv_shape(self) -> tuple[int, int, int, int, int]:
-        # LMCache's (num_layers, 2, chunk_size, num_kv_heads, head_size).
-        return (self.num_layers, 2, self.chunk_size, self.num_kv_heads, self.head_size)
+        # LMCache's (num_layers, 2 | 1, chunk_size, num_kv_heads, head_size).
+        return (self.num_layers, 1 if self.use_mla else 2, self.chunk_size, self.num_kv_heads, self.head_size)
+
+
+def mla_spec(**overrides: Any) -> KVSpec:
+    """A DeepSeek-V2-Lite-like MLA shape: 27 layers, one 576-wide latent (512 + 64 rope), bf16."""
+    values: dict[str, Any] = dict(num_layers=27, num_kv_heads=1, head_size=576, chunk_size=16,
+                                  dtype=torch.bfloat16, use_mla=True, model_name="s3layer/test-mla")
+    values.update(overrides)
+    return KVSpec(**values)
 
 
 # Deterministic across processes, unlike the default "builtin" (whose NONE_HASH seed
@@ -99,7 +109,7 @@ def make_metadata(spec: KVSpec, role: str = "worker"):
         local_worker_id=spec.worker_id,
         kv_dtype=spec.dtype,
         kv_shape=spec.kv_shape,
-        use_mla=False,
+        use_mla=spec.use_mla,
         role=role,
         chunk_size=spec.chunk_size,
     )
@@ -217,10 +227,13 @@ def make_paged_kv_cache(
     from ``fill=0.0`` and put tokens in with :func:`write_token_kv`.
     """
     h, d = spec.num_kv_heads, spec.head_size
+    if spec.use_mla:
+        layout = LAYOUT_MLA
     shape = {
         LAYOUT_VLLM_CPU: (num_blocks, h, block_size, 2 * d),
         LAYOUT_FLASH_ATTN: (2, num_blocks, block_size, h, d),
         LAYOUT_FLASH_INFER: (num_blocks, 2, block_size, h, d),
+        LAYOUT_MLA: (num_blocks, block_size, d),
     }[layout]
     if fill is not None:
         return [torch.full(shape, fill, dtype=spec.dtype) for _ in range(spec.num_layers)]
@@ -356,6 +369,9 @@ def kv_at(kvcache: torch.Tensor, slot: int, layout: str = LAYOUT_VLLM_CPU) -> tu
     if layout == LAYOUT_FLASH_INFER:
         b, o = divmod(slot, kvcache.shape[2])
         return kvcache[b, 0, o], kvcache[b, 1, o]
+    if layout == LAYOUT_MLA:
+        b, o = divmod(slot, kvcache.shape[1])
+        return kvcache[b, o].view(1, -1), kvcache[b, o].view(1, -1)  # one latent, no K/V split
     raise ValueError(layout)
 
 
@@ -364,7 +380,10 @@ def snapshot_tokens(
     slot_mapping: torch.Tensor,
     layout: str = LAYOUT_VLLM_CPU,
 ) -> torch.Tensor:
-    """``[L, T, 2, H, D]`` copy of every token's K/V (zeros where the slot is < 0)."""
+    """``[L, T, 2, H, D]`` copy of every token's K/V (zeros where the slot is < 0); an MLA
+    cache (3-D) gives its latent twice."""
+    if kvcaches[0].dim() == 3:
+        layout = LAYOUT_MLA
     first_k = kv_at(kvcaches[0], 0, layout)[0]
     out = torch.zeros((len(kvcaches), len(slot_mapping), 2, *first_k.shape), dtype=kvcaches[0].dtype)
     for layer, cache in enumerate(kvcaches):

@@ -36,6 +36,14 @@ from engine_helpers import (
 
 pytestmark = pytest.mark.engine
 
+
+@pytest.fixture(autouse=True)
+def immediate_copies(monkeypatch):
+    """The layout math and the generator protocol, layer by layer, with synchronous copies
+    (several tests look at a layer right after its step, before any sync). The deferred,
+    GPU-like mode the rest of the suite runs is tested in test_engine_device_model."""
+    monkeypatch.setenv("S3LAYER_CPU_COPY", "immediate")
+
 SPEC = KVSpec(num_layers=4, num_kv_heads=2, head_size=32, chunk_size=16, dtype=torch.bfloat16)
 NUM_BLOCKS = 8
 BLOCK_SIZE = 16

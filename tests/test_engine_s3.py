@@ -253,7 +253,7 @@ def test_object_lost_between_lookup_and_retrieve_never_yields_wrong_kv(s3_endpoi
         # ...every staging buffer went back, and a new prompt stores and loads fine
         b = backend_of(engine)
         assert b.core.prefetcher.wait_idle(5) and b.core.prefetcher.staging_bytes == 0
-        assert not b._handed
+        assert b._handoff.wait_idle(5) and b._handoff.held_buffers() == 0 and b._handoff.live_retrievals() == 0
         other = make_tokens(32, seed=77)
         run_store_layer(engine, other, caches, slots[:32])
         assert b.flush(60)

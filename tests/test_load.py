@@ -287,10 +287,10 @@ def _run_load(s3_endpoint, bucket, storm: bool, budget: int):
             t.join(timeout=10)
         try:
             # Everything handed out or staged must go back to LMCache's pool.
-            assert core.prefetcher.wait_idle(10)
+            assert core.prefetcher.wait_idle(10) and backend._handoff.wait_idle(10)
             staged_after = core.prefetcher.staging_bytes
             pinned_after = core.index.pinned_count()
-            handed_after = len(backend._handed)
+            handed_after = backend._handoff.held_buffers() + backend._handoff.live_retrievals()
             active_after = lcb.memory_allocator.pin_allocator.num_active_allocations
         finally:
             destroy_engine(engine)
