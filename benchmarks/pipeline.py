@@ -6,7 +6,7 @@
     benchmarks/pipeline.py --quick --json          # one latency (50 ms), under a minute
     benchmarks/pipeline.py                         # 0, 20, 50, 100 ms -> benchmarks/results/
 
-The code lives in ``lmcache_s3layer.benchmarking`` so the installed CLI can run it too.
+The code lives in ``lmcache_s3layer.testing.bench`` so the installed CLI can run it too.
 """
 
 import sys
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lmcache_s3layer.benchmarking import pipeline_main  # noqa: E402
+from lmcache_s3layer.testing.bench import pipeline_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(pipeline_main())

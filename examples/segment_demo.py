@@ -16,10 +16,10 @@ import time
 
 from lmcache_s3layer.config import S3LayerConfig
 from lmcache_s3layer.errors import CorruptObject
-from lmcache_s3layer.layout import Namespace
-from lmcache_s3layer.s3 import S3Client
-from lmcache_s3layer.segments import SegmentStore
-from lmcache_s3layer.server import LocalS3Server
+from lmcache_s3layer.format.objects import Namespace
+from lmcache_s3layer.store.client import S3Client
+from lmcache_s3layer.store.segments import SegmentStore
+from lmcache_s3layer.testing.server import LocalS3Server
 
 # Llama-3.1-8B per token per layer: 2 (K,V) x 8 kv heads x 128 x bf16 = 4 KiB.
 LAYERS, HIDDEN, CHUNK = 32, 8 * 128, 256

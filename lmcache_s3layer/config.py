@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from lmcache_s3layer.errors import ConfigError
 
 PREFIX = "s3layer."
 
@@ -40,7 +40,19 @@ def parse_size(value: Any, name: str) -> int:
     raise ConfigError(f"{name}: expected a size such as 8388608, '8MiB' or '1GiB', got {value!r}")
 
 
-def _parse_bool(value: Any, name: str) -> bool:
+_BYTE_UNITS = (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024))
+
+
+def fmt_bytes(n: float, digits: int = 1) -> str:
+    """A byte count for people, in binary units: ``fmt_bytes(3 << 29)`` is ``1.5 GiB``,
+    ``digits=2`` gives ``1.50 GiB``; below 1 KiB, whole bytes (``512 B``)."""
+    for unit, size in _BYTE_UNITS:
+        if n >= size:
+            return f"{n / size:,.{digits}f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def parse_bool(value: Any, name: str) -> bool:
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
@@ -177,7 +189,7 @@ def _coerce(f: dataclasses.Field, value: Any, name: str) -> Any:
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
     try:
         if kind.startswith("bool"):
-            return _parse_bool(value, name)
+            return parse_bool(value, name)
         if kind.startswith("int"):
             if isinstance(value, bool):
                 raise ValueError

@@ -13,7 +13,7 @@ attention, ``sync=True`` for the *last* loading request of a step only. LMCache'
 layerwise connector (``VLLMPagedMemLayerwiseGPUConnector``, made by ``CreateGPUConnector``
 as the vLLM path makes it: asynchronous copies on its own load/store streams, through a GPU
 staging buffer) moves the KV; the plugin (``storage_plugins: [s3layer]``,
-``lmcache_s3layer.backend.S3LayerBackend``) stores it in a local SeaweedFS. Checks:
+``lmcache_s3layer.integration.lmcache.backend.S3LayerBackend``) stores it in a local SeaweedFS. Checks:
 
 ``env``, ``lmcache-ops``
     versions, the GPU, and which ops path LMCache uses (its native ``lmcache.cuda_ops``
@@ -58,7 +58,7 @@ where the package has it, so copies land only at sync points, as on a GPU); ever
     PYTHONHASHSEED=0 python scripts/gpu_check.py --dry-run       # CPU, tiny
     python scripts/gpu_check.py --prepare-carry .whl             # dev box: wheels for the GPU box
 
-Without ``--endpoint`` a local SeaweedFS (``lmcache_s3layer.server``) is started.
+Without ``--endpoint`` a local SeaweedFS (``lmcache_s3layer.testing.server``) is started.
 """
 
 from __future__ import annotations
@@ -233,10 +233,13 @@ class KVShape:
     def model_name(self) -> str:
         return f"s3layer/gpu-check-{self.label}"
 
-    @property
-    def kv_shape(self) -> tuple:
-        # LMCache's (num_layers, 2 | 1, chunk_size, num_kv_heads, head_size); MLA as vLLM gives it.
-        return (self.layers, 1 if self.mla else 2, self.chunk, self.kv_heads, self.head_dim)
+    def spec(self):
+        """The engine builder's ``KVSpec``: LMCache's metadata for this shape, single rank (its
+        kv_shape (num_layers, 2 | 1, chunk_size, num_kv_heads, head_size); MLA as vLLM gives it)."""
+        from lmcache_s3layer.testing.engine import KVSpec
+
+        return KVSpec(num_layers=self.layers, num_kv_heads=self.kv_heads, head_size=self.head_dim,
+                      chunk_size=self.chunk, dtype=self.dtype, model_name=self.model_name, use_mla=self.mla)
 
 
 class PagedCache:
@@ -305,7 +308,7 @@ def full_sync(device) -> None:
         torch.cuda.synchronize()
     else:
         with contextlib.suppress(Exception):
-            from lmcache_s3layer.cpu_connector import device_synchronize
+            from lmcache_s3layer.integration.lmcache.cpu_connector import device_synchronize
 
             device_synchronize()
 
@@ -444,19 +447,16 @@ class Ctx:
         self.connector_name = ""
 
     def plugin(self, staging_bytes: int, direct: bool = False, **overrides) -> dict:
-        extra = {
-            "storage_plugin.s3layer.module_path": "lmcache_s3layer.backend",
-            "storage_plugin.s3layer.class_name": "S3LayerBackend",
-            "s3layer.bucket": self.bucket, "s3layer.prefix": self.key_prefix,
-            "s3layer.endpoint_url": self.direct_endpoint if direct else self.endpoint,
-            "s3layer.addressing_style": "path", "s3layer.region": "us-east-1",
+        from lmcache_s3layer.testing.engine import plugin_extra_config
+
+        return plugin_extra_config(**{
+            "bucket": self.bucket, "prefix": self.key_prefix,
+            "endpoint_url": self.direct_endpoint if direct else self.endpoint,
+            "addressing_style": "path", "region": "us-east-1",
             # LMCache logs its whole config: reference the credentials, never inline them.
-            "s3layer.access_key_id": "env:AWS_ACCESS_KEY_ID", "s3layer.secret_access_key": "env:AWS_SECRET_ACCESS_KEY",
-            "s3layer.staging_budget_bytes": int(staging_bytes), "s3layer.put_inflight_budget_bytes": "4GiB",
-            "s3layer.retrieval_deadline_s": 60,
-        }
-        extra.update({f"s3layer.{k}": v for k, v in overrides.items()})
-        return extra
+            "access_key_id": "env:AWS_ACCESS_KEY_ID", "secret_access_key": "env:AWS_SECRET_ACCESS_KEY",
+            "staging_budget_bytes": int(staging_bytes), "put_inflight_budget_bytes": "4GiB",
+            "retrieval_deadline_s": 60, **overrides})
 
 
 def pool_gib(nbytes: int) -> float:
@@ -464,18 +464,16 @@ def pool_gib(nbytes: int) -> float:
     return round(max(0.0625, (nbytes * 1.5 + (32 << 20)) / 2**30), 4)
 
 
-def lmcache_config(shape: KVShape, plugin: dict | None, cpu_gib: float):
-    from lmcache.v1.config import LMCacheEngineConfig
+def engine_overrides(plugin: dict | None, cpu_gib: float) -> dict:
+    """LMCache config over the engine builder's defaults (layerwise, LocalCPU): the plugin
+    (``plugin``: its extra_config) or, with None, LMCache's LocalCPU backend."""
+    from lmcache_s3layer.testing.engine import plugin_overrides
 
-    values = {"chunk_size": shape.chunk, "use_layerwise": True, "save_unfull_chunk": False,
-              # builtin + PYTHONHASHSEED=0: stable across processes without vllm's hashing module
-              "pre_caching_hash_algorithm": "builtin", "enable_controller": False,
-              "internal_api_server_enabled": False, "max_local_cpu_size": cpu_gib}
+    # builtin + PYTHONHASHSEED=0: stable across processes without vllm's hashing module
+    values = {"pre_caching_hash_algorithm": "builtin", "max_local_cpu_size": cpu_gib}
     if plugin is None:
-        values["local_cpu"] = True
-    else:
-        values.update({"local_cpu": False, "storage_plugins": ["s3layer"], "extra_config": plugin})
-    return LMCacheEngineConfig.from_dict(values)
+        return {**values, "local_cpu": True}
+    return {**values, **plugin_overrides(plugin)}
 
 
 @contextlib.contextmanager
@@ -522,7 +520,7 @@ def make_connector(ctx: Ctx, config, meta, shape: KVShape):
         if type(conn) is not VLLMPagedMemLayerwiseGPUConnector:
             raise RuntimeError(f"CreateGPUConnector gave {type(conn).__name__}, not VLLMPagedMemLayerwiseGPUConnector")
         return conn
-    from lmcache_s3layer.cpu_connector import CPULayerwiseConnector
+    from lmcache_s3layer.integration.lmcache.cpu_connector import CPULayerwiseConnector
 
     kw = {"kv_layout": "mla" if shape.mla else "flash_attn"}
     if ctx.cpu_copy_supported:
@@ -531,34 +529,26 @@ def make_connector(ctx: Ctx, config, meta, shape: KVShape):
 
 
 def build_engine(ctx: Ctx, shape: KVShape, plugin: dict | None, cpu_gib: float):
-    from lmcache.v1.cache_engine import LMCacheEngineBuilder
-    from lmcache.v1.metadata import LMCacheMetadata
+    from lmcache_s3layer.testing import engine as builder
 
-    config = lmcache_config(shape, plugin, cpu_gib)
-    meta = LMCacheMetadata(model_name=shape.model_name, world_size=1, local_world_size=1, worker_id=0,
-                           local_worker_id=0, kv_dtype=shape.dtype, kv_shape=shape.kv_shape, use_mla=shape.mla,
-                           role="worker", chunk_size=shape.chunk)
-    connector = make_connector(ctx, config, meta, shape)
-    if ctx.connector_kind == "auto":
-        ctx.connector_name = type(connector).__name__
-    iid = f"gpu-check-{uuid.uuid4().hex[:8]}"
-    engine = LMCacheEngineBuilder.get_or_create(iid, config, meta, connector, lambda t, src: t, lambda o, src: o)
-    engine._gpu_check_id = iid
-    try:
-        engine.post_init()
-    except BaseException:
-        LMCacheEngineBuilder.destroy(iid)
-        raise
+    def connector(config, meta):
+        conn = make_connector(ctx, config, meta, shape)
+        if ctx.connector_kind == "auto":
+            ctx.connector_name = type(conn).__name__
+        return conn
+
+    engine = builder.build_engine(engine_overrides(plugin, cpu_gib), shape.spec(), connector_factory=connector,
+                                  name="gpu-check", release_on_failure=True)
     if plugin is not None and "s3layer" not in engine.storage_manager.storage_backends:
-        LMCacheEngineBuilder.destroy(iid)
+        builder.destroy_engine(engine)
         raise RuntimeError("LMCache did not load the s3layer storage plugin (see its log above)")
     return engine
 
 
 def destroy_engine(engine) -> None:
-    from lmcache.v1.cache_engine import LMCacheEngineBuilder
+    from lmcache_s3layer.testing.engine import destroy_engine as destroy
 
-    LMCacheEngineBuilder.destroy(engine._gpu_check_id)
+    destroy(engine)
 
 
 @contextlib.contextmanager
@@ -571,7 +561,9 @@ def engine_of(ctx: Ctx, shape: KVShape, plugin: dict | None, cpu_gib: float):
 
 
 def backend_of(engine):
-    return engine.storage_manager.storage_backends["s3layer"]
+    from lmcache_s3layer.testing.engine import plugin_backend
+
+    return plugin_backend(engine)
 
 
 def flush(engine, timeout: float = 600) -> None:
@@ -666,7 +658,7 @@ def lockstep_load(engine, cache: PagedCache, reqs: list[Req], layers: int, forwa
 
 def locate_segments(ctx: Ctx, engine, req: Req) -> list[str]:
     """The plugin's segment ids holding ``req``'s chunks (from their pointer objects)."""
-    from lmcache_s3layer.layout import Names, Pointer
+    from lmcache_s3layer.format.objects import Names, Pointer
 
     backend = backend_of(engine)
     segs: list[str] = []
@@ -680,7 +672,7 @@ def locate_segments(ctx: Ctx, engine, req: Req) -> list[str]:
 
 
 def delete_layers(ctx: Ctx, engine, req: Req, from_layer: int, layers: int) -> list[str]:
-    from lmcache_s3layer.layout import Names
+    from lmcache_s3layer.format.objects import Names
 
     backend = backend_of(engine)
     key = next(iter(engine.token_database.process_tokens(tokens=req.ids[:req.prefix].cpu())))[2]
@@ -796,8 +788,7 @@ class GQAPhase:
     def store(self, report: Report) -> None:
         """Recompute (timed, no cache), then one step computing every prompt and storing them:
         main + batch into S3 (sync on the first only), main into LocalCPU (kept for ttft)."""
-        ctx, torch = self.ctx, self.ctx.torch
-        s = ctx.s
+        ctx = self.ctx
         if not ctx.dry:  # warm kernels and allocators up
             fw = self.forward([self.main], [0])
             for i in range(self.shape.layers):
@@ -1219,7 +1210,7 @@ def s3_server(args):
     if args.endpoint:
         yield args.endpoint, os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"]
         return
-    from lmcache_s3layer.server import LocalS3Server, find_weed_binary
+    from lmcache_s3layer.testing.server import LocalS3Server, find_weed_binary
 
     log(f"starting SeaweedFS ({find_weed_binary()})")
     data = Path(tempfile.mkdtemp(prefix="gpu-check-s3-"))
@@ -1269,7 +1260,7 @@ def cpu_copy_mode(ctx: Ctx, requested: Optional[str]) -> None:
     """Our CPU connector's copy mode: --cpu-copy, else $S3LAYER_CPU_COPY, else immediate;
     'deferred' (copies land only at sync points, as on a GPU) where the package has it."""
     try:
-        from lmcache_s3layer import cpu_connector
+        from lmcache_s3layer.integration.lmcache import cpu_connector
     except Exception:  # noqa: BLE001
         return
     ctx.cpu_copy_supported = hasattr(cpu_connector, "DeferredCopies")
@@ -1303,7 +1294,8 @@ def run(args, device) -> Report:
 
     with torch.inference_mode(), s3_server(args) as (endpoint, ak, sk):
         import boto3
-        from lmcache_s3layer.proxy import LatencyProxy
+
+        from lmcache_s3layer.testing.proxy import LatencyProxy
 
         ctx.s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=ak, aws_secret_access_key=sk,
                               region_name="us-east-1")
@@ -1333,10 +1325,10 @@ def run(args, device) -> Report:
                 if ph is not None:
                     if ph.cpu_engine is not None or ph.stored or ph.store_error:
                         check_gqa_and_ttft(ctx, ph, report, skip)
-                    report.run("batch-lockstep", lambda: check_batch(ctx, ph), skip)
+                    report.run("batch-lockstep", lambda ph=ph: check_batch(ctx, ph), skip)
                     if ph.stored and "gqa-fresh-process" not in skip:
                         children.append(child_spec(ctx, "gqa", ph.shape, ph.cache, ph.main))
-                    report.run("batch-one-load-fails", lambda: check_batch_failure(ctx, ph), skip)
+                    report.run("batch-one-load-fails", lambda ph=ph: check_batch_failure(ctx, ph), skip)
             report.add("connector", SKIP if dry else INFO,
                        (f"needs CUDA: the round trips ran with lmcache_s3layer's "
                         f"{ctx.connector_name or 'CPU connector'} "

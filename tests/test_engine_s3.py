@@ -6,16 +6,27 @@ per layer); a *new* engine instance (as after a restart, or on another machine) 
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
 import pytest
 import torch
 
-from engine_helpers import (plugin_engine_config, KVSpec, build_engine, destroy_engine, fill_paged_kv_cache, make_paged_kv_cache,
-                            make_slot_mapping, make_tokens, run_retrieve_layer, run_store_layer,
-                            snapshot_tokens)
+from lmcache_s3layer.format.objects import layer_of_key
+from lmcache_s3layer.testing.engine import (
+    KVSpec,
+    build_engine,
+    destroy_engine,
+    fill_paged_kv_cache,
+    make_paged_kv_cache,
+    make_slot_mapping,
+    make_tokens,
+    plugin_engine_config,
+    run_retrieve_layer,
+    run_store_layer,
+    snapshot_tokens,
+)
+from lmcache_s3layer.testing.engine import plugin_backend as backend_of
 
 pytestmark = pytest.mark.engine
 
@@ -27,10 +38,6 @@ SENTINEL = 7.0  # random bf16 data never equals it exactly
 def plugin_config(ep, bucket, **s3layer) -> dict:
     return plugin_engine_config(ep, bucket, prefix="engine-test", retry_base_s=0.01, retrieval_deadline_s=20,
                                 **s3layer)
-
-
-def backend_of(engine):
-    return engine.storage_manager.storage_backends["s3layer"]
 
 
 def store_prompt(ep, bucket, tokens, caches, slots, **s3layer):
@@ -178,7 +185,7 @@ def test_non_layerwise_store_is_read_layerwise(s3_endpoint, bucket, prompt):
         lcb = sm.storage_backends["LocalCPUBackend"]
         chunk_keys = [key for _, _, key in engine.token_database.process_tokens(tokens=tokens)]
         objs = []
-        for c, key in enumerate(chunk_keys):
+        for c, _key in enumerate(chunk_keys):
             o = lcb.allocate(torch.Size([2, spec.num_layers, 16, spec.hidden]), spec.dtype,
                              fmt=_fmt("KV_2LTD"), busy_loop=False)
             snap = want[:, c * 16:(c + 1) * 16]  # [L, T, 2, H, D]
@@ -232,7 +239,7 @@ def test_object_lost_between_lookup_and_retrieve_never_yields_wrong_kv(s3_endpoi
         assert lookup(engine, tokens) == 80
         # between lookup and retrieve, layer 5 of the segment disappears or rots
         key = next(o["Key"] for o in s3_boto_client.list_objects_v2(Bucket=bucket)["Contents"]
-                   if o["Key"].endswith("/L0005"))
+                   if layer_of_key(o["Key"]) == 5)
         if damage == "delete":
             s3_boto_client.delete_object(Bucket=bucket, Key=key)
         else:
@@ -269,7 +276,7 @@ def _storage_loops() -> int:
 
 
 def _build_expecting(cfg, match):
-    from lmcache_s3layer.guards import StartupError
+    from lmcache_s3layer.integration.lmcache.guards import StartupError
     before = _storage_loops()
     with pytest.raises(StartupError, match=match) as ei:
         e = build_engine(cfg, SPEC)
@@ -317,7 +324,7 @@ def test_guard_wrong_credentials_without_leaking_the_secret(s3_endpoint, bucket,
 def test_literal_secret_in_extra_config_is_warned_about_without_repeating_it(s3_endpoint, bucket, caplog):
     engine = build_engine(plugin_config(s3_endpoint, bucket, secret_access_key=s3_endpoint.secret_key), SPEC)
     destroy_engine(engine)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "lmcache_s3layer.backend"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "lmcache_s3layer.integration.lmcache.backend"
                 and "written literally" in r.getMessage()]
     assert warnings and all(s3_endpoint.secret_key not in w for w in warnings)
 

@@ -23,21 +23,31 @@ import concurrent.futures as cf
 import logging
 import multiprocessing as mp
 import random
-import re
-import sys
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 
+import conftest
 import pytest
 import torch
-
-import conftest
-from engine_helpers import (plugin_engine_config, LAYOUT_FLASH_ATTN, KVSpec, build_engine, destroy_engine, fill_paged_kv_cache,
-                            make_cpu_connector, make_paged_kv_cache, make_slot_mapping, make_tokens,
-                            run_retrieve_layer, run_store_layer)
 from faultinject import HttpFaults, ObjectFaults
+
+from lmcache_s3layer.format.objects import is_manifest_key, parse_key
+from lmcache_s3layer.testing.engine import (
+    LAYOUT_FLASH_ATTN,
+    KVSpec,
+    build_engine,
+    destroy_engine,
+    fill_paged_kv_cache,
+    make_cpu_connector,
+    make_paged_kv_cache,
+    make_slot_mapping,
+    make_tokens,
+    plugin_engine_config,
+    run_retrieve_layer,
+    run_store_layer,
+)
+from lmcache_s3layer.testing.engine import plugin_backend as backend_of
 
 pytestmark = pytest.mark.faults
 
@@ -55,10 +65,6 @@ def plugin_config(ep, bucket, **s3layer) -> dict:
                     lookup_timeout_s=2.0, read_timeout_s=3.0, connect_timeout_s=1.0, segment_max_chunks=2,
                     prefetch_idle_timeout_s=5.0, max_connections=8, put_workers=4)
     return plugin_engine_config(ep, bucket, max_local_cpu_gb=0.05, **{**settings, **s3layer})
-
-
-def backend_of(engine):
-    return engine.storage_manager.storage_backends["s3layer"]
 
 
 def new_engine(ep, bucket, **s3layer):
@@ -161,10 +167,10 @@ def segment_keys(admin, bucket: str, prefix: str = "faults/") -> dict[str, dict]
     out: dict[str, dict] = {}
     for page in admin.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for o in page.get("Contents", []):
-            m = re.search(r"/seg/[0-9a-f]{2}/([0-9a-f]{32})/(manifest\.json|L\d{4})$", o["Key"])
-            if m:
-                d = out.setdefault(m.group(1), {"manifest": None, "layers": []})
-                if m.group(2) == "manifest.json":
+            parsed = parse_key(o["Key"])
+            if parsed is not None and parsed.kind == "segment":
+                d = out.setdefault(parsed.ident, {"manifest": None, "layers": []})
+                if parsed.is_manifest:
                     d["manifest"] = o["Key"]
                 else:
                     d["layers"].append(o["Key"])
@@ -344,7 +350,7 @@ def test_soak_faults_never_wrong_never_stuck(s3_endpoint, bucket, s3_boto_client
 
 
 def _metrics_text() -> str:
-    from lmcache_s3layer.metrics import Metrics
+    from lmcache_s3layer.cache.metrics import Metrics
     return Metrics.get().text()
 
 
@@ -352,10 +358,10 @@ def _metrics_text() -> str:
 # The policy, one fault at a time (storage core: the engine's storage half, no LMCache types)
 # =============================================================================================
 
+from lmcache_s3layer.cache.core import S3LayerCore  # noqa: E402
 from lmcache_s3layer.config import S3LayerConfig  # noqa: E402
-from lmcache_s3layer.core import S3LayerCore  # noqa: E402
 from lmcache_s3layer.errors import RetrievalFailed  # noqa: E402
-from lmcache_s3layer.layout import Namespace  # noqa: E402
+from lmcache_s3layer.format.objects import Namespace  # noqa: E402
 
 NS = Namespace("org/policy-model", 1, 0, "bfloat16")
 P_LAYERS, P_CHUNKS, P_TOK, P_HIDDEN = 4, 3, 16, 32
@@ -648,13 +654,14 @@ def test_damaged_layer_fails_loudly_never_partial(s3_endpoint, pbucket, prefix, 
 
 def _race_writer(ep_url, ak, sk, region, bucket, seed, hashes_list, go, out):
     import sys as _sys
+
+    from lmcache_s3layer.cache.core import S3LayerCore as _Core
     from lmcache_s3layer.config import S3LayerConfig as _C
-    from lmcache_s3layer.core import S3LayerCore as _Core
     core = _Core(_C(bucket=bucket, endpoint_url=ep_url, access_key_id=ak, secret_access_key=sk, region=region,
                     prefix="race", retry_base_s=0.001, put_workers=4, max_connections=8))
     try:
         committed = []
-        for i, hashes in enumerate(hashes_list):
+        for hashes in hashes_list:
             data = [[bytes([seed]) * (P_TOK * P_BPT) for _ in hashes] for _ in range(P_LAYERS)]
             go.wait(30)  # both writers start each prefix together
             before = core.writer.stats.segments_committed
@@ -707,14 +714,14 @@ def test_two_processes_store_the_same_prefix_exactly_one_segment_is_served(s3_en
     finally:
         reader.close()
     manifests = [o["Key"] for o in s3_boto_client.list_objects_v2(Bucket=bucket, Prefix="race/").get("Contents", [])
-                 if o["Key"].endswith("manifest.json")]
+                 if is_manifest_key(o["Key"])]
     assert len(manifests) == rounds  # one committed segment per prefix, the loser's is gone
 
 
 # ---- security defaults -----------------------------------------------------------------------
 
 def test_tls_verification_is_on_by_default_and_only_off_when_asked():
-    from lmcache_s3layer.s3 import S3Client
+    from lmcache_s3layer.store.client import S3Client
     on = S3Client(S3LayerConfig(bucket="tls-bucket", endpoint_url="https://127.0.0.1:1"))
     off = S3Client(S3LayerConfig(bucket="tls-bucket", endpoint_url="https://127.0.0.1:1", verify_tls=False))
     try:

@@ -13,9 +13,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_helpers import (LAYOUT_FLASH_ATTN, KVSpec, build_engine, destroy_engine, fill_paged_kv_cache,
-                            make_cpu_connector, make_paged_kv_cache, make_slot_mapping, make_tokens,
-                            plugin_engine_config, run_retrieve_layer, run_store_layer)
+from lmcache_s3layer.format.objects import is_manifest_key, is_pointer_key
+from lmcache_s3layer.testing.engine import (
+    LAYOUT_FLASH_ATTN,
+    KVSpec,
+    build_engine,
+    destroy_engine,
+    fill_paged_kv_cache,
+    make_cpu_connector,
+    make_paged_kv_cache,
+    make_slot_mapping,
+    make_tokens,
+    plugin_engine_config,
+    run_retrieve_layer,
+    run_store_layer,
+)
+from lmcache_s3layer.testing.engine import plugin_backend as backend_of
 
 pytestmark = pytest.mark.engine
 
@@ -36,10 +49,6 @@ def engine_for(ep, bucket, spec: KVSpec, **s3layer):
     # vLLM's CPU layout refuses fp8 (its fp8 kernels pack differently): flash-attention layout.
     return build_engine(plugin_config(ep, bucket, **s3layer), spec,
                         connector=make_cpu_connector(spec, kv_layout="flash_attn"))
-
-
-def backend_of(engine):
-    return engine.storage_manager.storage_backends["s3layer"]
 
 
 def token_bytes(caches, slots) -> torch.Tensor:
@@ -92,7 +101,7 @@ def retrieve(ep, bucket, spec, tokens, caches, slots) -> torch.Tensor:
 def test_every_dtype_name_lmcache_writes_is_known_to_the_layout():
     from lmcache.utils import TORCH_DTYPE_TO_STR_DTYPE
 
-    from lmcache_s3layer.layout import DTYPE_SIZES, LMCACHE_DTYPE_SIZES, Namespace
+    from lmcache_s3layer.format.objects import DTYPE_SIZES, LMCACHE_DTYPE_SIZES, Namespace
 
     names = set(TORCH_DTYPE_TO_STR_DTYPE.values())
     assert {"fp8_e4m3fn", "fp8_e5m2"} <= names
@@ -131,10 +140,10 @@ def test_fp8_namespaces_have_their_own_objects(s3_endpoint, bucket, s3_boto_clie
         s = spec_for(dtype)
         store(s3_endpoint, bucket, s, tokens, make_paged_kv_cache(s, BLOCKS, BLOCK, layout=LAYOUT_FLASH_ATTN), slots)
     keys = [o["Key"] for o in s3_boto_client.list_objects_v2(Bucket=bucket)["Contents"]]
-    manifests = [k for k in keys if k.endswith("manifest.json")]
+    manifests = [k for k in keys if is_manifest_key(k)]
     assert sorted(k.split("/")[4] for k in manifests) == ["fp8_e4m3fn", "fp8_e5m2"]
     # two chunks, each with one pointer per dtype: nothing is shared
-    assert sum("/ptr/" in k for k in keys) == 4
+    assert sum(is_pointer_key(k) for k in keys) == 4
 
 
 def test_a_gap_in_a_stored_prompt_is_refilled_by_the_next_store(s3_endpoint, bucket, s3_boto_client):
@@ -176,6 +185,6 @@ def test_a_gap_in_a_stored_prompt_is_refilled_by_the_next_store(s3_endpoint, buc
     assert int(mask.sum()) == 96
     assert torch.equal(token_bytes(caches, slots), want)
     manifests = [o["Key"] for o in s3_boto_client.list_objects_v2(Bucket=bucket)["Contents"]
-                 if o["Key"].endswith("manifest.json")]
+                 if is_manifest_key(o["Key"])]
     assert len(manifests) == 3  # chunks 0-1 and 4-5 were not written again
 

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lmcache_s3layer.cache.index import ChunkIndex
 from lmcache_s3layer.errors import FormatError, ObjectNotFound
-from lmcache_s3layer.index import ChunkIndex
-from lmcache_s3layer.layout import Manifest, Names, Namespace, Pointer
-from lmcache_s3layer.segments import SegmentStore
+from lmcache_s3layer.format.objects import Manifest, Names, Namespace, Pointer, is_manifest_key
+from lmcache_s3layer.store.segments import SegmentStore
 
 pytestmark = pytest.mark.faults
 
@@ -69,7 +69,7 @@ class _FuzzClient:
         self.cfg = S3LayerConfig(bucket="fuzz-bucket")
 
     def get_bytes(self, key: str, max_bytes: int) -> bytes:
-        body = self.bodies["manifest" if key.endswith("manifest.json") else "ptr"]
+        body = self.bodies["manifest" if is_manifest_key(key) else "ptr"]
         if body is None:
             raise ObjectNotFound(f"{key}: not found", key=key, code="NoSuchKey")
         return body[:max_bytes + 1]

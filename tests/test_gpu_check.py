@@ -89,7 +89,7 @@ def test_dry_run_report_is_complete_and_parses(dry_run):
         assert f"\n{n} " in tail
     assert tail.rstrip().splitlines()[-1].startswith(f"RESULT: {blob['result']}")
     # SeaweedFS's dev secret stays out of the output (credentials go by env: reference)
-    from lmcache_s3layer.server import DEFAULT_SECRET_KEY
+    from lmcache_s3layer.testing.server import DEFAULT_SECRET_KEY
     assert DEFAULT_SECRET_KEY not in text
 
 

@@ -1,4 +1,4 @@
-"""Unit tests of ``lmcache_s3layer.vllm_connector``'s load-failure guard, the TP step agreement
+"""Unit tests of ``lmcache_s3layer.integration.vllm.connector``'s load-failure guard, the TP step agreement
 and the vLLM prefix-cache lookup hint.
 
 The worker-side tests drive LMCache 0.5.6's *real* adapter methods (``start_load_kv``,
@@ -25,8 +25,8 @@ import torch
 
 os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
 
-from lmcache_s3layer import vllm_connector as vc  # noqa: E402
 from lmcache_s3layer.errors import RetrievalFailed  # noqa: E402
+from lmcache_s3layer.integration.vllm import connector as vc  # noqa: E402
 
 NUM_LAYERS = 4
 CHUNK = 16
@@ -292,8 +292,8 @@ def test_load_fence_kinds():
 
 
 def test_load_fence_for_the_deferred_cpu_connector():
-    from engine_helpers import KVSpec, make_cpu_connector
-    from lmcache_s3layer.cpu_connector import DEVICE
+    from lmcache_s3layer.integration.lmcache.cpu_connector import DEVICE
+    from lmcache_s3layer.testing.engine import KVSpec, make_cpu_connector
 
     conn = make_cpu_connector(KVSpec(), copy_mode="deferred")
     fence = vc._load_fence(SimpleNamespace(gpu_connector=conn))()
@@ -478,6 +478,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two spawned gloo processes, four steps (~15 s)
 def test_tp_ranks_agree_before_storing(tmp_path):
     import torch.multiprocessing as mp
 
@@ -623,8 +624,14 @@ def _filter_for(engine):
 def test_worker_lookup_skips_prefetch_of_vllm_cached_chunks_real_engine():
     """LMCache's real ``LMCacheEngine.lookup`` (layerwise, CPU), as its lookup server calls it:
     same answer and pins as without the hint; the chunks vLLM holds are not prefetched."""
-    from engine_helpers import (KVSpec, lmcache_engine, make_paged_kv_cache, make_slot_mapping,
-                                make_tokens, run_store_layer)
+    from lmcache_s3layer.testing.engine import (
+        KVSpec,
+        lmcache_engine,
+        make_paged_kv_cache,
+        make_slot_mapping,
+        make_tokens,
+        run_store_layer,
+    )
 
     spec = KVSpec(num_layers=2, num_kv_heads=2, head_size=16, chunk_size=CHUNK)
     tokens = make_tokens(5 * CHUNK, seed=11)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from lmcache_s3layer.handoff import HandOff
+from lmcache_s3layer.integration.lmcache.handoff import HandOff
 
 
 class Buf:

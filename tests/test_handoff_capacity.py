@@ -14,12 +14,12 @@ import time
 
 import pytest
 import torch
-
-from lmcache_s3layer.config import S3LayerConfig
-from lmcache_s3layer.core import S3LayerCore
-from lmcache_s3layer.metrics import Metrics
-from lmcache_s3layer.s3 import ClientStats
 from test_prefetch import BPT, NS, FakeClient, make_segment
+
+from lmcache_s3layer.cache.core import S3LayerCore
+from lmcache_s3layer.cache.metrics import Metrics
+from lmcache_s3layer.config import S3LayerConfig
+from lmcache_s3layer.store.client import ClientStats
 
 LAYERS = 64
 TOKENS = 16
@@ -171,7 +171,7 @@ def test_a_promise_never_unpinned_is_reclaimed_when_idle_and_revived_by_its_retr
     core, pool = make_core(3 * PROMISE, clock=clock, prefetch_on_lookup=False,
                            prefetch_idle_timeout_s=30, retrieval_deadline_s=10)
     try:
-        (a, a_layers), (b, _) = cached_prompt(core, 3, seed=4), cached_prompt(core, 3, seed=5)
+        (a, _), (b, _) = cached_prompt(core, 3, seed=4), cached_prompt(core, 3, seed=5)
         assert lookup(core, a) == 3  # a request looked up, then (say) aborted while queued
         assert lookup(core, b) == 0
         clock.t += 30 + 10 - 1
@@ -228,7 +228,7 @@ SENTINEL = 7.0
 
 @pytest.fixture
 def engine_kit():
-    from engine_helpers import KVSpec, make_paged_kv_cache, make_slot_mapping
+    from lmcache_s3layer.testing.engine import KVSpec, make_paged_kv_cache, make_slot_mapping
     spec = KVSpec(**SPEC_KW)
     caches = make_paged_kv_cache(spec, 16, 16, seed=11)
     slots = make_slot_mapping(128, 16, 16, seed=12)
@@ -236,26 +236,33 @@ def engine_kit():
 
 
 def _engine_config(ep, bucket, pool_chunks=None):
-    from engine_helpers import plugin_engine_config
+    from lmcache_s3layer.testing.engine import plugin_engine_config
     gb = None if pool_chunks is None else pool_chunks * CHUNK_POOL_BYTES / 1024**3
     return plugin_engine_config(ep, bucket, max_local_cpu_gb=gb, prefix="handoff-test", retry_base_s=0.01,
                                 retrieval_deadline_s=20)
 
 
 def _store(ep, bucket, spec, tokens, caches, slots):
-    from engine_helpers import build_engine, destroy_engine, run_store_layer
+    from lmcache_s3layer.testing.engine import build_engine, destroy_engine, plugin_backend, run_store_layer
     engine = build_engine(_engine_config(ep, bucket), spec)  # LMCache's default pool: room to store
     try:
         run_store_layer(engine, tokens, caches, slots)
-        assert engine.storage_manager.storage_backends["s3layer"].flush(60)
+        assert plugin_backend(engine).flush(60)
     finally:
         destroy_engine(engine)
 
 
 @pytest.mark.engine
 def test_engine_deep_model_small_pool_gets_a_partial_hit_instead_of_a_stall(s3_endpoint, bucket, engine_kit):
-    from engine_helpers import (build_engine, destroy_engine, fill_paged_kv_cache, make_tokens,
-                                run_retrieve_layer, snapshot_tokens)
+    from lmcache_s3layer.testing.engine import (
+        build_engine,
+        destroy_engine,
+        fill_paged_kv_cache,
+        make_tokens,
+        plugin_backend,
+        run_retrieve_layer,
+        snapshot_tokens,
+    )
     spec, caches, slots = engine_kit
     tokens = make_tokens(128, seed=13)  # 8 chunks; the pool below carries 6 to the last layer
     want = snapshot_tokens(caches, slots)
@@ -263,7 +270,7 @@ def test_engine_deep_model_small_pool_gets_a_partial_hit_instead_of_a_stall(s3_e
 
     engine = build_engine(_engine_config(s3_endpoint, bucket, pool_chunks=6), spec)
     try:
-        backend = engine.storage_manager.storage_backends["s3layer"]
+        backend = plugin_backend(engine)
         hit = engine.lookup(tokens=tokens, lookup_id="req-1", pin=True)
         assert hit == 6 * 16  # was 128: then a stall at layer 48 until the deadline, and a failure
         assert backend.core.cfg.handoff_budget_bytes == 6 * CHUNK_POOL_BYTES  # the real pool's size
@@ -286,8 +293,14 @@ def test_engine_deep_model_small_pool_gets_a_partial_hit_instead_of_a_stall(s3_e
 
 @pytest.mark.engine
 def test_engine_two_requests_of_one_batch_share_the_pool_without_stalling(s3_endpoint, bucket, engine_kit):
-    from engine_helpers import (build_engine, destroy_engine, fill_paged_kv_cache, make_tokens,
-                                snapshot_tokens)
+    from lmcache_s3layer.testing.engine import (
+        build_engine,
+        destroy_engine,
+        fill_paged_kv_cache,
+        make_tokens,
+        plugin_backend,
+        snapshot_tokens,
+    )
     spec, caches, slots = engine_kit
     lanes = {"req-a": (make_tokens(64, seed=14), slots[:64]), "req-b": (make_tokens(64, seed=15), slots[64:])}
     want = {req: snapshot_tokens(caches, s) for req, (_, s) in lanes.items()}
@@ -311,7 +324,7 @@ def test_engine_two_requests_of_one_batch_share_the_pool_without_stalling(s3_end
             n = hits[req]
             assert torch.equal(snapshot_tokens(caches, s[:n]), want[req][:, :n]), req
         assert elapsed < 10, f"retrieval took {elapsed:.1f} s: it waited for memory"  # deadline: 20 s
-        core = engine.storage_manager.storage_backends["s3layer"].core
+        core = plugin_backend(engine).core
         assert core.pool.promised == 0
     finally:
         destroy_engine(engine)

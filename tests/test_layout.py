@@ -9,8 +9,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmcache_s3layer.errors import FormatError, NamespaceMismatch
-from lmcache_s3layer.layout import (MAX_POINTER_BYTES, Manifest, Names, Namespace, Pointer, hash_hex,
-                                    model_slug, normalize_hash, parse_segment_dir)
+from lmcache_s3layer.format.objects import (
+    MAX_POINTER_BYTES,
+    Manifest,
+    Names,
+    Namespace,
+    Pointer,
+    hash_hex,
+    model_slug,
+    normalize_hash,
+    parse_segment_dir,
+)
 
 NS = Namespace("meta-llama/Llama-3.1-8B", 1, 0, "bfloat16")
 SID = "0123456789abcdef0123456789abcdef"
@@ -67,7 +76,8 @@ def test_manifest_round_trip(n_chunks, n_layers, data):
     sums = data.draw(st.lists(st.lists(st.integers(0, 2**32 - 1), min_size=n_chunks, max_size=n_chunks),
                               min_size=n_layers, max_size=n_layers))
     ns = Namespace(data.draw(st.text(min_size=1, max_size=50)), 2, 1, "float16",
-                   tuple(sorted(data.draw(st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3)).items())))
+                   tuple(sorted(data.draw(st.dictionaries(st.text(max_size=5), st.text(max_size=5),
+                                                          max_size=3)).items())))
     m = Manifest(SID, ns, n_layers, (2, 64), tuple(hashes), tuple(tokens), tuple(tuple(r) for r in sums), 12.0)
     back = Manifest.decode(m.encode(), expect=ns, expect_segment=SID)
     assert back == m
@@ -216,13 +226,13 @@ def test_unknown_dtype_is_still_refused():
     ([5], 1, [(5, 6)]),
 ])
 def test_split_runs_into_segments(positions, max_chunks, want):
-    from lmcache_s3layer.layout import split_runs_into_segments
+    from lmcache_s3layer.store.ranges import split_runs_into_segments
     assert split_runs_into_segments(positions, max_chunks) == want
 
 
 @given(st.sets(st.integers(0, 200), max_size=60), st.integers(1, 9))
 def test_split_runs_cover_exactly_the_positions(positions, max_chunks):
-    from lmcache_s3layer.layout import split_runs_into_segments
+    from lmcache_s3layer.store.ranges import split_runs_into_segments
     ranges = split_runs_into_segments(sorted(positions), max_chunks)
     covered = [p for a, b in ranges for p in range(a, b)]
     assert covered == sorted(positions)

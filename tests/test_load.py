@@ -18,8 +18,18 @@ import time
 import pytest
 import torch
 
-from engine_helpers import (plugin_engine_config, LAYOUT_FLASH_ATTN, KVSpec, build_engine, destroy_engine, make_cpu_connector,
-                            make_tokens, make_token_kv, write_token_kv)
+from lmcache_s3layer.testing.engine import (
+    LAYOUT_FLASH_ATTN,
+    KVSpec,
+    build_engine,
+    destroy_engine,
+    make_cpu_connector,
+    make_token_kv,
+    make_tokens,
+    plugin_backend,
+    plugin_engine_config,
+    write_token_kv,
+)
 
 pytestmark = pytest.mark.load
 
@@ -50,7 +60,7 @@ def _load_engine(ep, bucket, budget):
     pool every MemoryObj must return to)."""
     engine = build_engine(plugin_config(ep, bucket, budget), SPEC,
                           connector=make_cpu_connector(SPEC, kv_layout=LAYOUT_FLASH_ATTN))
-    backend = engine.storage_manager.storage_backends["s3layer"]
+    backend = plugin_backend(engine)
     return engine, backend, backend.core, engine.storage_manager.storage_backends["LocalCPUBackend"]
 
 

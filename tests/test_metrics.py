@@ -10,15 +10,27 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine_helpers import (plugin_engine_config, KVSpec, build_engine, chunk_layer_keys, destroy_engine, fill_paged_kv_cache,
-                            make_paged_kv_cache, make_slot_mapping, make_tokens, run_retrieve_layer,
-                            run_store_layer, snapshot_tokens)
-from lmcache_s3layer import metrics as metrics_mod
+from lmcache_s3layer.cache import metrics as metrics_mod
+from lmcache_s3layer.cache.core import S3LayerCore
+from lmcache_s3layer.cache.metrics import Metrics
 from lmcache_s3layer.config import S3LayerConfig
-from lmcache_s3layer.core import S3LayerCore
 from lmcache_s3layer.errors import ConfigError, RetrievalFailed
-from lmcache_s3layer.layout import Namespace
-from lmcache_s3layer.metrics import Metrics
+from lmcache_s3layer.format.objects import Names, Namespace
+from lmcache_s3layer.testing.engine import (
+    KVSpec,
+    build_engine,
+    chunk_layer_keys,
+    destroy_engine,
+    fill_paged_kv_cache,
+    make_paged_kv_cache,
+    make_slot_mapping,
+    make_tokens,
+    plugin_engine_config,
+    run_retrieve_layer,
+    run_store_layer,
+    snapshot_tokens,
+)
+from lmcache_s3layer.testing.engine import plugin_backend as backend_of
 
 SPEC = KVSpec(num_layers=4, num_kv_heads=2, head_size=32, chunk_size=16, dtype=torch.bfloat16)
 BLOCKS, BLOCK = 8, 16
@@ -31,10 +43,6 @@ SENTINEL = 7.0
 def plugin_config(ep, bucket, **s3layer) -> dict:
     return plugin_engine_config(ep, bucket, prefix="metrics-test", retry_base_s=0.01, retrieval_deadline_s=20,
                                 **s3layer)
-
-
-def backend_of(engine):
-    return engine.storage_manager.storage_backends["s3layer"]
 
 
 class Delta:
@@ -273,10 +281,11 @@ def test_stores_over_the_upload_budget_are_dropped_and_counted(s3_endpoint, buck
 
 def test_client_faults_skip_pointer_misses_only():
     m = Metrics()
-    m.client_fault("ObjectNotFound", "get", "kvcache/v1/llama/1-0/bfloat16/ptr/ab/00000000000000ab")
+    names = Names("kvcache", Namespace("llama", 1, 0, "bfloat16"))
+    m.client_fault("ObjectNotFound", "get", names.pointer_object(0xAB))
     assert m.value("s3layer_storage_errors_total", {"kind": "ObjectNotFound"}) == 0
-    m.client_fault("ObjectNotFound", "get", "kvcache/v1/llama/1-0/bfloat16/seg/cd/" + "cd" * 16 + "/L0003")
-    m.client_fault("Throttled", "get", "kvcache/v1/llama/1-0/bfloat16/ptr/ab/00000000000000ab")
+    m.client_fault("ObjectNotFound", "get", names.layer_object("cd" * 16, 3))
+    m.client_fault("Throttled", "get", names.pointer_object(0xAB))
     assert m.value("s3layer_storage_errors_total", {"kind": "ObjectNotFound"}) == 1
     assert m.value("s3layer_storage_errors_total", {"kind": "Throttled"}) == 1
     assert "cdcdcd" not in m.text() and "00000000000000ab" not in m.text()

@@ -14,14 +14,14 @@ import time
 
 import pytest
 
-from lmcache_s3layer import cli, ops
+from lmcache_s3layer.admin import cli, ops
+from lmcache_s3layer.cache.core import S3LayerCore
+from lmcache_s3layer.cache.metrics import Metrics
 from lmcache_s3layer.config import S3LayerConfig
-from lmcache_s3layer.core import S3LayerCore
 from lmcache_s3layer.errors import RetrievalFailed, StorageError
-from lmcache_s3layer.layout import Manifest, Namespace
-from lmcache_s3layer.metrics import Metrics
-from lmcache_s3layer.s3 import S3Client
-from lmcache_s3layer.segments import SegmentStore, _chunk_checksums, new_segment_id
+from lmcache_s3layer.format.objects import Manifest, Namespace, version_root
+from lmcache_s3layer.store.client import S3Client
+from lmcache_s3layer.store.segments import SegmentStore, _chunk_checksums, new_segment_id
 
 NS = Namespace("meta-llama/Llama-3.1-8B", 1, 0, "bfloat16")
 NS2 = Namespace("Qwen/Qwen3-0.6B", 2, 1, "bfloat16")
@@ -137,7 +137,7 @@ def test_inspect_verify_passes_then_names_a_flipped_byte(store, run_cli, s3_boto
 
     # the installed command, in its own process, exits non-zero too
     env = {**os.environ, "AWS_SECRET_ACCESS_KEY": store.client.cfg.secret_access_key}
-    proc = subprocess.run([sys.executable, "-m", "lmcache_s3layer.cli", "inspect", "--verify",
+    proc = subprocess.run([sys.executable, "-m", "lmcache_s3layer.admin.cli", "inspect", "--verify",
                            *conn_args_from(store)], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 1 and f"segment {m.segment_id} layer 2 chunk 1" in proc.stdout
 
@@ -257,7 +257,7 @@ def test_gc_collects_orphans_after_the_grace_period(store, run_cli, s3_boto_clie
     # a malformed pointer
     s3_boto_client.put_object(Bucket=bucket, Key=names.pointer_object(8), Body=b"{not json")
     # and something that is not ours
-    s3_boto_client.put_object(Bucket=bucket, Key=f"{PREFIX}/v1/README.txt", Body=b"hello")
+    s3_boto_client.put_object(Bucket=bucket, Key=version_root(PREFIX) + "README.txt", Body=b"hello")
 
     code, out, _ = run_cli("inspect")
     assert code == 0 and "orphans: 1 segment dir(s) without a manifest" in out and "2 pointer(s)" in out
@@ -273,7 +273,7 @@ def test_gc_collects_orphans_after_the_grace_period(store, run_cli, s3_boto_clie
     assert not any(crashed in k for k in left)
     assert names.pointer_object(7) not in left and names.pointer_object(8) not in left
     assert names.pointer_object(1) in left and names.manifest_object(live.segment_id) in left
-    assert f"{PREFIX}/v1/README.txt" in left  # foreign keys are left alone
+    assert version_root(PREFIX) + "README.txt" in left  # foreign keys are left alone
 
 
 def test_gc_keeps_a_pointer_whose_segment_committed_after_the_listing(store):

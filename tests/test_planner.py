@@ -9,8 +9,8 @@ from dataclasses import replace
 
 import pytest
 
-from lmcache_s3layer import cli, planner
-from lmcache_s3layer.planner import GIB, MIB, LayoutSpec, LinkSpec, PlannerError
+from lmcache_s3layer.admin import cli, planner
+from lmcache_s3layer.admin.planner import GIB, MIB, LayoutSpec, LinkSpec, PlannerError
 
 L8B = planner.get_model("llama-3.1-8b")
 L70B = planner.get_model("llama-3.1-70b")
@@ -379,4 +379,4 @@ def test_cli_bad_input_exits_2(argv, message, capsys):
 
 
 def test_cli_registers_the_operator_commands():
-    assert {"plan", "inspect", "gc", "server"} <= set(cli.COMMANDS)
+    assert {"plan", "inspect", "gc", "server", "bench"} <= set(cli.all_commands())

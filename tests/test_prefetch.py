@@ -9,13 +9,13 @@ import time
 
 import pytest
 
-from lmcache_s3layer.checksum import crc32c
+from lmcache_s3layer.cache.index import Location
+from lmcache_s3layer.cache.prefetch import Prefetcher, _scatter, adaptive_depth
 from lmcache_s3layer.config import S3LayerConfig
 from lmcache_s3layer.errors import ObjectNotFound, RetrievalFailed
-from lmcache_s3layer.index import Location
-from lmcache_s3layer.layout import Manifest, Namespace
-from lmcache_s3layer.prefetch import Prefetcher, adaptive_depth, _scatter
-from lmcache_s3layer.segments import SegmentStore, new_segment_id
+from lmcache_s3layer.format.checksum import crc32c
+from lmcache_s3layer.format.objects import Manifest, Namespace, layer_of_key
+from lmcache_s3layer.store.segments import SegmentStore, new_segment_id
 
 NS = Namespace("m", 1, 0, "bfloat16")
 HIDDEN = 8
@@ -106,7 +106,7 @@ def test_priority_earlier_layers_first(store):
         time.sleep(0.05)
         store.client.gate.set()
         pf.get_layer(NS, 7, locs(m), 8)
-        order = [int(k.rsplit("L", 1)[1]) for k in store.client.gets]
+        order = [layer_of_key(k) for k in store.client.gets]
         assert order == sorted(order) == list(range(8))
     finally:
         pf.close()
@@ -266,7 +266,7 @@ def test_first_layer_is_split_finer_than_the_read_ahead(store):
             assert b"".join(bytes(b) for b in pf.get_layer(NS, layer, locs(m), 4)) == layers[layer]
     finally:
         pf.close()
-    per_layer = [sum(k.endswith(f"/L{l:04d}") for k in store.client.gets) for l in range(4)]
+    per_layer = [sum(layer_of_key(k) == l for k in store.client.gets) for l in range(4)]
     assert per_layer[0] == 4  # 1 KiB in parts of 256 bytes
     assert per_layer[1:] == [1, 1, 1]  # read-ahead: one coalesced GET each
 
@@ -493,7 +493,7 @@ def test_requests_with_the_same_prefix_fetch_each_layer_once(store):
         assert not errors, errors
         assert results["a"] == results["b"] == layers
         assert pf.stats.retrievals == 1
-        per_layer = [sum(k.endswith(f"/L{l:04d}") for k in store.client.gets) for l in range(4)]
+        per_layer = [sum(layer_of_key(k) == l for k in store.client.gets) for l in range(4)]
         assert per_layer == [1, 1, 1, 1]
         assert pf.wait_idle(5) and pf.staging_bytes == 0
     finally:
@@ -505,7 +505,7 @@ def test_lookups_on_two_threads_at_once_start_one_retrieval_each(store):
     """The batcher groups one lookup's hits into one retrieval. Look-ups running at once on two
     threads must not interleave into one retrieval of both prompts (which could be larger than
     the staging budget and then be staged alone, over it)."""
-    from lmcache_s3layer.core import LookupBatcher
+    from lmcache_s3layer.cache.core import LookupBatcher
 
     a, _ = make_segment(store, 2, [16, 16, 16], seed=7)
     b, _ = make_segment(store, 2, [16, 16, 16], seed=8)

@@ -1,4 +1,4 @@
-"""Behaviour tests for lmcache_s3layer.proxy.LatencyProxy against a tiny local HTTP/1.1 server.
+"""Behaviour tests for lmcache_s3layer.testing.proxy.LatencyProxy against a tiny local HTTP/1.1 server.
 
 Timing assertions are one-sided with generous slack (lower bound 0.9 x expected, upper
 bounds seconds away) because CI machines are noisy; the point is to catch a proxy that
@@ -23,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from lmcache_s3layer.proxy import LatencyProxy
+from lmcache_s3layer.testing.proxy import LatencyProxy
 
 MiB = 1 << 20
 PAYLOAD = random.Random(1234).randbytes(8 * MiB)
@@ -403,7 +403,7 @@ def test_start_fails_cleanly_when_port_taken(upstream):
 
 def test_command_line(upstream):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lmcache_s3layer.proxy", "--upstream",
+        [sys.executable, "-m", "lmcache_s3layer.testing.proxy", "--upstream",
          f"127.0.0.1:{upstream.server_address[1]}", "--delay-ms", "20", "--stats-interval", "0.1"],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

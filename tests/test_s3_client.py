@@ -5,14 +5,21 @@ from __future__ import annotations
 import logging
 
 import pytest
+from botofaults import BotoFaults
 from moto import mock_aws
 
 from lmcache_s3layer.config import S3LayerConfig
-from lmcache_s3layer.errors import (AccessDenied, BucketNotFound, ConfigError, CorruptObject, ObjectNotFound,
-                                    PreconditionFailed, Throttled, Unavailable)
-from lmcache_s3layer.s3 import S3Client
-
-from botofaults import BotoFaults
+from lmcache_s3layer.errors import (
+    AccessDenied,
+    BucketNotFound,
+    ConfigError,
+    CorruptObject,
+    ObjectNotFound,
+    PreconditionFailed,
+    Throttled,
+    Unavailable,
+)
+from lmcache_s3layer.store.client import S3Client
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYSECRETKEY"
 

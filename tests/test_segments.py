@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from lmcache_s3layer.cache.index import ChunkIndex
 from lmcache_s3layer.config import S3LayerConfig
 from lmcache_s3layer.errors import CorruptObject, ObjectNotFound, PreconditionFailed
-from lmcache_s3layer.index import ChunkIndex
-from lmcache_s3layer.layout import Namespace
-from lmcache_s3layer.s3 import S3Client
-from lmcache_s3layer.segments import SegmentStore
+from lmcache_s3layer.format.objects import Namespace, is_pointer_key
+from lmcache_s3layer.store.client import S3Client
+from lmcache_s3layer.store.segments import SegmentStore
 
 NS = Namespace("meta-llama/Llama-3.1-8B", 1, 0, "bfloat16")
 HIDDEN = 64  # small KV width keeps the test fast; the format does not care
@@ -108,7 +107,7 @@ def test_commit_race_leaves_one_segment(store):
     assert store.read_pointer(NS, 8).segment_id == a.segment_id
     # the loser removed its layer objects too
     all_keys = [o.key for o in store.client.list("test/")]
-    assert all(a.segment_id in k or "/ptr/" in k for k in all_keys)
+    assert all(a.segment_id in k or is_pointer_key(k) for k in all_keys)
 
 
 def test_delete_segment_order_and_completeness(store):
@@ -164,7 +163,7 @@ def test_a_pointer_naming_another_dtypes_segment_is_a_miss_even_when_its_manifes
     fp8_e4m3fn segment (objects copied between namespaces, or a hostile pointer) must not
     borrow the cached e4m3fn manifest: sizes and hashes agree, so the bytes would be served
     as e5m2 and nothing would notice. (bfloat16/half: the same trap with two-byte dtypes.)"""
-    from lmcache_s3layer.layout import DTYPE_SIZES
+    from lmcache_s3layer.format.objects import DTYPE_SIZES
     a, b = ns_of(dtypes[0]), ns_of(dtypes[1])
     layer = bytes(16 * 2 * HIDDEN * DTYPE_SIZES[a.dtype])
     m = store.write_segment(a, [77], [16], (2, HIDDEN), [layer, layer])

@@ -21,7 +21,7 @@ import pytest
 botocore = pytest.importorskip("botocore")
 from botocore.exceptions import ClientError  # noqa: E402
 
-from lmcache_s3layer.server import (  # noqa: E402
+from lmcache_s3layer.testing.server import (  # noqa: E402
     LocalS3Server,
     LocalS3ServerError,
     _pid_is_our_weed,
@@ -310,7 +310,7 @@ def test_cli_detach_status_stop(tmp_path):
 
     def cli(*args, timeout=90):
         return subprocess.run(
-            [sys.executable, "-m", "lmcache_s3layer.server", *args, "--data-dir", str(data)],
+            [sys.executable, "-m", "lmcache_s3layer.testing.server", *args, "--data-dir", str(data)],
             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
         )
 
@@ -320,7 +320,7 @@ def test_cli_detach_status_stop(tmp_path):
     try:
         assert info and info["endpoint_url"] in r.stdout
         assert cli("status").returncode == 0
-        from lmcache_s3layer.server import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY
+        from lmcache_s3layer.testing.server import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY
 
         _client(info["endpoint_url"], DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY).list_buckets()
     finally:

@@ -7,11 +7,21 @@ from __future__ import annotations
 import threading
 
 import pytest
+from test_writer_gaps import (
+    BPT,
+    HIDDEN,
+    LAYERS,
+    NS,
+    PREFIX,
+    TOK,
+    Instance,
+    chunk_bytes,
+    hashes_of,
+    manifests,
+    prefix_hits,
+)
 
-from lmcache_s3layer.writer import SegmentWriter
-
-from test_writer_gaps import (BPT, HIDDEN, LAYERS, NS, PREFIX, TOK, Instance, chunk_bytes, hashes_of,
-                              manifests, prefix_hits)
+from lmcache_s3layer.cache.writer import SegmentWriter
 
 POISON = 0xA5
 

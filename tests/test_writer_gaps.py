@@ -16,12 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from lmcache_s3layer.cache.index import ChunkIndex
+from lmcache_s3layer.cache.writer import SegmentWriter
 from lmcache_s3layer.config import S3LayerConfig
-from lmcache_s3layer.index import ChunkIndex
-from lmcache_s3layer.layout import Manifest, Namespace
-from lmcache_s3layer.s3 import S3Client
-from lmcache_s3layer.segments import SegmentStore
-from lmcache_s3layer.writer import SegmentWriter
+from lmcache_s3layer.format.objects import Manifest, Namespace, segment_dir_of_key
+from lmcache_s3layer.store.client import S3Client
+from lmcache_s3layer.store.segments import SegmentStore
 
 NS = Namespace("org/gap-model", 1, 0, "bfloat16")
 LAYERS, TOK, HIDDEN = 3, 16, 32
@@ -234,7 +234,7 @@ def test_a_store_of_committed_chunks_only_writes_nothing(instances):
     assert writer.writer.stats.layers_uploaded == 0 and writer.writer.stats.stores_lost_race == 0
     assert not any(writer.writer.is_pending(NS, x) for x in h)
     all_keys = [o.key for o in writer.client.list(PREFIX + "/")]
-    assert len([k for k in all_keys if "/seg/" in k]) == LAYERS + 1  # the seed's objects only
+    assert len([k for k in all_keys if segment_dir_of_key(k)]) == LAYERS + 1  # the seed's objects only
 
 
 def test_a_store_dropped_before_it_was_planned_frees_its_chunks(instances):

@@ -9,21 +9,31 @@ to "when_required" because every byte we read is verified against our manifest's
 
 from __future__ import annotations
 
+import builtins
 import logging
 import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import boto3
 import botocore.config
 import botocore.exceptions
 import urllib3.exceptions
 
-from .config import S3LayerConfig
-from .errors import (AccessDenied, BucketNotFound, CorruptObject, ObjectNotFound,
-                     PreconditionFailed, StorageError, StorageTimeout, Throttled, Unavailable)
+from lmcache_s3layer.config import S3LayerConfig
+from lmcache_s3layer.errors import (
+    AccessDenied,
+    BucketNotFound,
+    CorruptObject,
+    ObjectNotFound,
+    PreconditionFailed,
+    StorageError,
+    StorageTimeout,
+    Throttled,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -167,7 +177,11 @@ class S3Client:
             kwargs = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": 1000}
             if token:
                 kwargs["ContinuationToken"] = token
-            resp = self._retrying("list", prefix, lambda: self._client.list_objects_v2(**kwargs))
+
+            def list_page(kw: dict[str, Any] = kwargs) -> Any:
+                return self._client.list_objects_v2(**kw)
+
+            resp = self._retrying("list", prefix, list_page)
             self._count(lists=1)
             for o in resp.get("Contents", []):
                 yield ObjectInfo(o["Key"], int(o["Size"]), o["LastModified"].timestamp())
@@ -196,11 +210,14 @@ class S3Client:
         self._retrying("delete", key, lambda: self._client.delete_object(Bucket=self.bucket, Key=key))
         self._count(deletes=1)
 
-    def delete_many(self, keys: list[str]) -> None:
+    def delete_many(self, keys: builtins.list[str]) -> None:
         for i in range(0, len(keys), 1000):
             batch = [{"Key": k} for k in keys[i:i + 1000]]
-            resp = self._retrying("delete", keys[i], lambda: self._client.delete_objects(
-                Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}))
+
+            def delete_batch(b: builtins.list[dict[str, str]] = batch) -> Any:
+                return self._client.delete_objects(Bucket=self.bucket, Delete={"Objects": b, "Quiet": True})
+
+            resp = self._retrying("delete", keys[i], delete_batch)
             self._count(deletes=len(batch))
             errors = resp.get("Errors") or []
             if errors:
@@ -348,8 +365,8 @@ def _read_exact_into(body, views: list[memoryview], key: str) -> None:
     http.client's ``readinto`` receives straight into our buffers (no intermediate bytes
     object); urllib3 is bypassed only for the payload, then asked to return the connection.
     """
-    raw = getattr(body, "_raw_stream", None)
-    fp = getattr(raw, "_fp", None)
+    raw: Any = getattr(body, "_raw_stream", None)
+    fp: Any = getattr(raw, "_fp", None)
     direct = fp is not None and hasattr(fp, "readinto")
     total = sum(len(v) for v in views)
     got = 0

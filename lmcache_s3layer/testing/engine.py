@@ -1,8 +1,10 @@
 """Helpers that drive LMCache 0.5.6's real ``LMCacheEngine`` on CPU, layerwise.
 
-Used by the connector tests and by the S3 plugin engine tests. Everything LMCache-related
-is imported inside the functions, so importing this module is cheap and never imports
-lmcache or vllm (collection of unrelated tests stays fast).
+The one engine builder (``build_engine``, ``plugin_extra_config``): the connector and plugin
+engine tests, the benchmark harness (``testing.bench``) and ``scripts/gpu_check.py`` all build
+their engines here. Everything LMCache-related is imported inside the functions, so importing
+this module is cheap and never imports lmcache or vllm (collection of unrelated tests stays
+fast).
 
 Typical use::
 
@@ -117,38 +119,54 @@ def make_metadata(spec: KVSpec, role: str = "worker"):
 
 def make_cpu_connector(spec: KVSpec, **kwargs: Any):
     """Our :class:`CPULayerwiseConnector` for ``spec`` (``kwargs``: ``kv_layout``, ...)."""
-    from lmcache_s3layer.cpu_connector import CPULayerwiseConnector
+    from lmcache_s3layer.integration.lmcache.cpu_connector import CPULayerwiseConnector
 
     return CPULayerwiseConnector.from_metadata(
         make_metadata(spec), device=torch.device("cpu"), **kwargs
     )
 
 
+# ------------------------------------------------------------------ our plugin's config
+
 _SECRET_ENV = "S3LAYER_TEST_ENGINE_SECRET"
 
 
-def plugin_engine_config(ep, bucket: str, *, max_local_cpu_gb: Optional[float] = None, **s3layer) -> dict:
-    """LMCache config overrides for our plugin against endpoint ``ep`` (layerwise, LocalCPU as
-    the staging allocator only); ``s3layer`` items become ``s3layer.<name>`` settings.
+def secret_ref(env_name: str, secret: str) -> str:
+    """Put ``secret`` in the environment and return its ``env:`` reference, as the README tells
+    users to write it: LMCache logs its whole config, ``extra_config`` included, so a literal
+    would put it in every log (the secret-scanning tests read them)."""
+    os.environ[env_name] = secret
+    return f"env:{env_name}"
 
-    The secret goes in as an ``env:`` reference, as the README tells users: LMCache logs its
-    whole config, ``extra_config`` included, so a literal would put it in every log the
-    secret-scanning tests read."""
-    os.environ[_SECRET_ENV] = ep.secret_key
-    extra = {
+
+def plugin_extra_config(**settings: Any) -> dict:
+    """LMCache ``extra_config`` that loads our plugin; each of ``settings`` (bucket,
+    endpoint_url, credentials, ...) becomes ``s3layer.<name>``."""
+    return {
         "storage_plugin.s3layer.module_path": "lmcache_s3layer.backend",
         "storage_plugin.s3layer.class_name": "S3LayerBackend",
-        "s3layer.bucket": bucket,
-        "s3layer.endpoint_url": ep.endpoint_url,
-        "s3layer.access_key_id": ep.access_key,
-        "s3layer.secret_access_key": f"env:{_SECRET_ENV}",
-        "s3layer.region": ep.region,
+        **{f"s3layer.{k}": v for k, v in settings.items()},
     }
-    extra.update({f"s3layer.{k}": v for k, v in s3layer.items()})
+
+
+def plugin_overrides(extra: dict, *, max_local_cpu_gb: Optional[float] = None) -> dict:
+    """LMCache config overrides that make our plugin (``extra``: ``plugin_extra_config``) the
+    storage tier: layerwise, LocalCPU as the staging allocator only."""
     cfg = {"local_cpu": False, "storage_plugins": ["s3layer"], "extra_config": extra}
     if max_local_cpu_gb is not None:
         cfg["max_local_cpu_size"] = max_local_cpu_gb
     return cfg
+
+
+def plugin_engine_config(ep, bucket: str, *, max_local_cpu_gb: Optional[float] = None, **s3layer) -> dict:
+    """``plugin_overrides`` for endpoint ``ep`` (the tests' ``S3Endpoint``); ``s3layer`` items
+    become ``s3layer.<name>`` settings. The secret goes in as an ``env:`` reference."""
+    settings = {"bucket": bucket, "endpoint_url": ep.endpoint_url, "access_key_id": ep.access_key,
+                "secret_access_key": secret_ref(_SECRET_ENV, ep.secret_key), "region": ep.region, **s3layer}
+    return plugin_overrides(plugin_extra_config(**settings), max_local_cpu_gb=max_local_cpu_gb)
+
+
+# ------------------------------------------------------------------ the engine
 
 
 def build_engine(
@@ -156,20 +174,28 @@ def build_engine(
     spec: KVSpec,
     connector: Any = None,
     instance_id: Optional[str] = None,
+    *,
+    connector_factory: Optional[Callable[[Any, Any], Any]] = None,
+    name: str = "s3layer-test",
+    release_on_failure: bool = False,
 ):
     """Build and ``post_init`` an ``LMCacheEngine`` the way LMCache's vLLM path does.
 
     Goes through ``LMCacheEngineBuilder.get_or_create`` (token database, stats logger)
-    with no-op broadcast functions (single rank). ``connector`` defaults to a
-    :class:`CPULayerwiseConnector`. Release with :func:`destroy_engine`.
+    with no-op broadcast functions (single rank). ``connector`` defaults to
+    ``connector_factory(config, metadata)`` if given, else a :class:`CPULayerwiseConnector`.
+    The instance id is ``name`` plus a random suffix unless given. Release with
+    :func:`destroy_engine`. ``release_on_failure``: an engine whose ``post_init`` raised is
+    released here (off by default: the start-up tests check that the plugin's own clean-up
+    stops LMCache's threads, as nothing else does in a vLLM worker).
     """
     from lmcache.v1.cache_engine import LMCacheEngineBuilder
 
     config = make_config(config_overrides, spec)
     metadata = make_metadata(spec)
     if connector is None:
-        connector = make_cpu_connector(spec)
-    instance_id = instance_id or f"s3layer-test-{uuid.uuid4().hex[:12]}"
+        connector = connector_factory(config, metadata) if connector_factory else make_cpu_connector(spec)
+    instance_id = instance_id or f"{name}-{uuid.uuid4().hex[:12]}"
     engine = LMCacheEngineBuilder.get_or_create(
         instance_id,
         config,
@@ -178,9 +204,19 @@ def build_engine(
         lambda tensor, src: tensor,
         lambda obj, src: obj,
     )
-    engine.post_init()
     engine._s3layer_instance_id = instance_id  # for destroy_engine
+    try:
+        engine.post_init()
+    except BaseException:
+        if release_on_failure:
+            LMCacheEngineBuilder.destroy(instance_id)
+        raise
     return engine
+
+
+def plugin_backend(engine):
+    """Our storage backend inside ``engine`` (KeyError when LMCache did not load it)."""
+    return engine.storage_manager.storage_backends["s3layer"]
 
 
 def destroy_engine(engine) -> None:
@@ -199,8 +235,10 @@ def lmcache_engine(
     config_overrides: Optional[dict],
     spec: KVSpec,
     connector: Any = None,
+    **build: Any,
 ) -> Iterator[Any]:
-    engine = build_engine(config_overrides, spec, connector)
+    """:func:`build_engine` (``build``: its keyword arguments) as a context manager."""
+    engine = build_engine(config_overrides, spec, connector, **build)
     try:
         yield engine
     finally:
@@ -267,7 +305,7 @@ def make_token_kv(spec: KVSpec, num_tokens: int, seed: int = 0) -> torch.Tensor:
 
 def vllm_cpu_isa(kvcache: torch.Tensor) -> str:
     """The attention ISA vLLM would use for this CPU cache (fixes its K/V packing)."""
-    from lmcache_s3layer.cpu_connector import vllm_cpu_attn_isa
+    from lmcache_s3layer.integration.lmcache.cpu_connector import vllm_cpu_attn_isa
 
     nb, h, bs, two_d = kvcache.shape
     return vllm_cpu_attn_isa(kvcache.dtype, bs, two_d // 2)

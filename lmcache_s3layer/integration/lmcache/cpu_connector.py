@@ -44,7 +44,8 @@ does to LMCache's CUDA connector. Token ``t`` lives in block ``slot // BS`` at o
 ``slot % BS`` (``slot = slot_mapping[t]``); slots ``< 0`` are padding, never touched.
 
 This module imports lmcache (it is LMCache-facing) but imports vllm only lazily, to ask
-it which attention ISA it uses.
+it which attention ISA it uses; every LMCache/vLLM name comes through
+:mod:`lmcache_s3layer.integration.compat`.
 """
 
 from __future__ import annotations
@@ -52,15 +53,14 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 
-from lmcache.v1.gpu_connector.gpu_connectors import VLLMPagedMemLayerwiseGPUConnector
-from lmcache.v1.memory_management import MemoryFormat, MemoryObj
+from lmcache_s3layer.integration import CPU_CONNECTOR_ENV_VAR, OFF, ON, compat, cpu_connector_env_mode
+from lmcache_s3layer.integration.compat import MemoryFormat, MemoryObj, VLLMPagedMemLayerwiseGPUConnector
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ __all__ = [
     "device_synchronize",
 ]
 
-ENV_VAR = "S3LAYER_CPU_CONNECTOR"
+# S3LAYER_CPU_CONNECTOR: auto (default) | on (1, true, always, force...) | off (0, never...)
+ENV_VAR = CPU_CONNECTOR_ENV_VAR
 # "immediate" (default) or "deferred": see DeferredCopies.
 COPY_ENV_VAR = "S3LAYER_CPU_COPY"
 COPY_IMMEDIATE = "immediate"
@@ -116,10 +117,7 @@ def vllm_cpu_attn_isa(dtype: torch.dtype, block_size: int, head_size: int) -> st
     mirrors its x86 rule: vec16 for head sizes that are 16 but not 32 aligned, amx for
     bf16 on AMX CPUs with 32-aligned blocks, vec for 32-aligned blocks, else vec16.
     """
-    try:
-        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-    except Exception:  # vllm absent or not the CPU build
-        _get_attn_isa = None
+    _get_attn_isa = compat.vllm_attn_isa_picker()  # None: vllm absent or not the CPU build
     if _get_attn_isa is not None:
         return str(_get_attn_isa(dtype, block_size, head_size))
     if head_size % 32 != 0 and head_size % 16 == 0:
@@ -190,14 +188,14 @@ class DeferredCopies:
 
     def poison_freed_buffers_of(self, memory_obj: MemoryObj) -> None:
         """Poison every buffer the pool that ``memory_obj`` came from takes back (idempotent)."""
-        alloc = getattr(memory_obj, "parent_allocator", None)
+        alloc = compat.memory_obj_allocator(memory_obj)
         if alloc is None or getattr(alloc, "_s3layer_poisons_freed", False):
             return
         free, batched_free = alloc.free, getattr(alloc, "batched_free", None)
 
         def poison_all(objs) -> None:
             # A pool already closed has no memory left to write (late garbage collection).
-            if getattr(alloc, "_unregistered", False):
+            if compat.allocator_closed(alloc):
                 return
             for obj in objs:
                 self.poison(obj)
@@ -424,16 +422,22 @@ class CPULayerwiseConnector(VLLMPagedMemLayerwiseGPUConnector):
             )
         return layout
 
+    def _current_layout(self) -> _Layout:
+        """The layout resolved by ``_prepare`` for the request being copied."""
+        if self._layout is None:
+            raise RuntimeError("KV cache layout used before a request resolved it")
+        return self._layout
+
     def _flash_view(self, t: torch.Tensor) -> torch.Tensor:
         """A no-copy ``[block, kv, offset, head, dim]`` view of a flash-style layer."""
-        lay = self._layout
+        lay = self._current_layout()
         if lay.name == LAYOUT_FLASH_ATTN:
             return t.permute(1, 0, 3, 2, 4) if lay.hnd else t.permute(1, 0, 2, 3, 4)
         return t.permute(0, 1, 3, 2, 4) if lay.hnd else t
 
     def _cpu_views(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """No-copy views of the K and V regions of a vllm_cpu layer, shaped per packing."""
-        lay = self._layout
+        lay = self._current_layout()
         nb, h, bs, d = t.shape[0], lay.num_heads, lay.block_size, lay.head_size
         if lay.packing == "vec":
             k = t.view(nb, h, 2, d, bs)[:, :, 0]  # [NB, H, D, BS]
@@ -448,7 +452,7 @@ class CPULayerwiseConnector(VLLMPagedMemLayerwiseGPUConnector):
 
     def _gather(self, t: torch.Tensor, blk: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
         """K/V of the given slots as ``[n, 2, H, D]`` (MLA: ``[n, D]``)."""
-        lay = self._layout
+        lay = self._current_layout()
         n = blk.numel()
         if lay.name == LAYOUT_MLA:
             return t[blk, off]
@@ -467,7 +471,7 @@ class CPULayerwiseConnector(VLLMPagedMemLayerwiseGPUConnector):
 
     def _scatter(self, t: torch.Tensor, blk: torch.Tensor, off: torch.Tensor, src: torch.Tensor) -> None:
         """Inverse of :meth:`_gather`; writes land in ``t`` through the views."""
-        lay = self._layout
+        lay = self._current_layout()
         n = blk.numel()
         if lay.name == LAYOUT_MLA:
             t[blk, off] = src
@@ -555,7 +559,7 @@ class CPULayerwiseConnector(VLLMPagedMemLayerwiseGPUConnector):
         if self.use_mla:
             return t
         # hidden index = head * D + d, as LMCache's CUDA kernels lay it out
-        return t.view(plan.num_tokens, 2, self._layout.num_heads, self._layout.head_size)
+        return t.view(plan.num_tokens, 2, self._current_layout().num_heads, self._current_layout().head_size)
 
     def _check_count(self, n_objs: int, n_chunks: int, what: str) -> None:
         if n_objs != n_chunks and self.strict_chunk_count:
@@ -687,42 +691,14 @@ _original_create: Optional[Callable[..., Any]] = None
 # Modules whose ``CreateGPUConnector`` name we replaced, to undo exactly that.
 _patched_modules: List[str] = []
 
-# ``lmcache.v1.gpu_connector`` is the one the vLLM path uses: vllm_service_factory
-# imports the name from it inside get_or_create_lmcache_engine(), at call time. The
-# others bind it at import time (MOCK / SGLANG / TRTLLM engines, which the wrapper
-# passes through); they are patched only if something already imported them.
-_HOOK_MODULES = (
-    "lmcache.v1.gpu_connector",
-    "lmcache.v1.standalone.__main__",
-    "lmcache.integration.sglang.sglang_adapter",
-    "lmcache.integration.tensorrt_llm.tensorrt_adapter",
-)
-
-
-def _patch_mode() -> str:
-    raw = os.environ.get(ENV_VAR, "auto").strip().lower()
-    if raw in ("", "auto"):
-        return "auto"
-    if raw in ("0", "false", "no", "off", "never"):
-        return "never"
-    if raw in ("1", "true", "yes", "on", "always", "force"):
-        return "always"
-    logger.warning("%s=%r not understood; using 'auto'", ENV_VAR, raw)
-    return "auto"
-
-
-def _lmcache_device_type() -> str:
-    import lmcache
-
-    return str(getattr(lmcache, "torch_device_type", "cpu"))
+# ``lmcache.v1.gpu_connector.CreateGPUConnector`` and the modules that bind it by value:
+# ``compat.CREATE_GPU_CONNECTOR_MODULES`` (why each: see there).
 
 
 def _should_use_cpu_connector(config: Any, engine: Any) -> bool:
-    from lmcache.utils import EngineType
-
     return (
-        engine == EngineType.VLLM
-        and _lmcache_device_type() == "cpu"
+        compat.is_vllm_engine(engine)
+        and compat.lmcache_device_type() == "cpu"
         and bool(getattr(config, "use_layerwise", False))
         and not bool(getattr(config, "enable_blending", False))
     )
@@ -736,13 +712,15 @@ def install_cpu_connector_patch(force: bool = False) -> bool:
     """Route LMCache's vLLM layerwise connector creation to :class:`CPULayerwiseConnector` on CPU.
 
     Wraps ``lmcache.v1.gpu_connector.CreateGPUConnector`` (and the same name in the
-    few modules that import it by value, if already imported). The wrapper returns
+    few modules that import it by value, if already imported:
+    ``compat.CREATE_GPU_CONNECTOR_MODULES``). The wrapper returns
     our connector only for ``EngineType.VLLM`` with ``use_layerwise`` on, blending off,
     and LMCache's device type ``cpu``; every other call goes to the original.
 
     ``S3LAYER_CPU_CONNECTOR``: ``auto`` (default) installs only when LMCache's device
-    is CPU; ``0`` never installs (``force`` does not override it); ``1`` installs even
-    where the device is not CPU (the per-call check still applies).
+    is CPU; ``0`` (off) never installs (``force`` does not override it); ``1`` (on) installs
+    even where the device is not CPU (the per-call check still applies). Checks first that
+    the LMCache internals it relies on exist (``compat.check_versions("cpu_connector")``).
 
     Must run in each process that builds an LMCacheEngine, i.e. in vLLM worker
     processes after vLLM has initialised them (importing lmcache earlier breaks
@@ -750,19 +728,18 @@ def install_cpu_connector_patch(force: bool = False) -> bool:
     the patch is in place after the call.
     """
     global _original_create
-    mode = _patch_mode()
-    if mode == "never":
+    mode = cpu_connector_env_mode(logger)
+    if mode == OFF:
         return cpu_connector_patch_installed()
     with _patch_lock:
         if _original_create is not None:
             return True
-        if mode == "auto" and not force and _lmcache_device_type() != "cpu":
-            logger.info("LMCache device is %s; CPU connector patch not installed", _lmcache_device_type())
+        compat.check_versions("cpu_connector")
+        if mode != ON and not force and compat.lmcache_device_type() != "cpu":
+            logger.info("LMCache device is %s; CPU connector patch not installed", compat.lmcache_device_type())
             return False
 
-        import lmcache.v1.gpu_connector as gc_pkg
-
-        original = gc_pkg.CreateGPUConnector
+        original = compat.create_gpu_connector()
 
         @functools.wraps(original)
         def create_gpu_connector(config, metadata, engine, layout_hints=None):
@@ -772,10 +749,9 @@ def install_cpu_connector_patch(force: bool = False) -> bool:
             return original(config, metadata, engine, layout_hints=layout_hints)
 
         create_gpu_connector.__s3layer_original__ = original  # type: ignore[attr-defined]
-        for name in _HOOK_MODULES:
-            mod = sys.modules.get(name)
-            if mod is not None and getattr(mod, "CreateGPUConnector", None) is original:
-                setattr(mod, "CreateGPUConnector", create_gpu_connector)
+        for name in compat.CREATE_GPU_CONNECTOR_MODULES:
+            if compat.bound_create_gpu_connector(name) is original:
+                compat.bind_create_gpu_connector(name, create_gpu_connector)
                 _patched_modules.append(name)
         _original_create = original
         return True
@@ -787,11 +763,12 @@ def uninstall_cpu_connector_patch() -> None:
     with _patch_lock:
         if _original_create is None:
             return
+        original: Callable[..., Any] = _original_create
         for name in _patched_modules:
-            current = getattr(sys.modules.get(name), "CreateGPUConnector", None)
+            current = compat.bound_create_gpu_connector(name)
             # Leave alone a name someone re-patched after us.
             if getattr(current, "__s3layer_original__", None) is _original_create:
-                setattr(sys.modules[name], "CreateGPUConnector", _original_create)
+                compat.bind_create_gpu_connector(name, original)
         _patched_modules.clear()
         _original_create = None
 

@@ -18,9 +18,9 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
-from .errors import FormatError, NamespaceMismatch
+from lmcache_s3layer.errors import FormatError, NamespaceMismatch
 
 FORMAT_VERSION = 1
 MANIFEST_FORMAT = "lmcache-s3layer/segment"
@@ -125,40 +125,146 @@ class Namespace:
                    _expect_str(d["dtype"], "namespace.dtype", 32), tuple(sorted(tags)))
 
 
+# The key scheme, spelled here and nowhere else:
+#
+#   <prefix>/v1/<namespace path>/seg/<id[:2]>/<id>/L0000 .. L<n-1>   one object per layer
+#   <prefix>/v1/<namespace path>/seg/<id[:2]>/<id>/manifest.json     the commit point
+#   <prefix>/v1/<namespace path>/ptr/<spread>/<hash hex>              one pointer per chunk
+#
+# ``<prefix>/v1/<namespace path>`` is a namespace's *root*. Writers build names through
+# ``Names``; tools that start from a listing (inspect, gc, metrics, benchmarks) parse them with
+# ``parse_key`` and rebuild them from a root with the ``*_at`` functions.
+SEGMENTS_DIR = "seg"
+POINTERS_DIR = "ptr"
+MANIFEST_NAME = "manifest.json"
+_LAYER_PREFIX = "L"
+_HEX = frozenset("0123456789abcdef")
+
+
+def version_root(prefix: str) -> str:
+    """``<prefix>/v1/`` (``v1/`` for an empty prefix): everything format v1 writes is below it."""
+    p = prefix.strip("/")
+    return f"{p}/v{FORMAT_VERSION}/" if p else f"v{FORMAT_VERSION}/"
+
+
+def layer_name(layer: int) -> str:
+    """A layer object's name inside its segment directory: ``L0003``."""
+    if not (_is_int(layer) and 0 <= layer < MAX_LAYERS):
+        raise FormatError(f"layer index out of range: {layer!r}")
+    return f"{_LAYER_PREFIX}{layer:04d}"
+
+
+def parse_layer_name(name: str) -> int | None:
+    """The layer index of a layer object's name (``L`` and decimal digits), or None."""
+    digits = name[len(_LAYER_PREFIX):]
+    if name.startswith(_LAYER_PREFIX) and digits.isascii() and digits.isdigit():
+        return int(digits)
+    return None
+
+
+def segment_dir_at(ns_root: str, segment_id: str) -> str:
+    check_segment_id(segment_id)
+    # The id is random hex, so its first two digits spread segments over S3 partitions.
+    return f"{ns_root}/{SEGMENTS_DIR}/{segment_id[:2]}/{segment_id}"
+
+
+def layer_key_at(seg_dir: str, layer: int) -> str:
+    return f"{seg_dir}/{layer_name(layer)}"
+
+
+def manifest_key_at(seg_dir: str) -> str:
+    return f"{seg_dir}/{MANIFEST_NAME}"
+
+
+def pointer_key_at(ns_root: str, chunk_hash: int) -> str:
+    h = hash_hex(chunk_hash)
+    # vLLM's builtin hashes are already uniform, sha256-derived ones too; the extra digest
+    # keeps the spread even for adversarial or sequential hash values.
+    spread = hashlib.blake2b(h.encode(), digest_size=1).hexdigest()
+    return f"{ns_root}/{POINTERS_DIR}/{spread}/{h}"
+
+
 class Names:
     """Object names of one namespace under one configured prefix."""
 
     def __init__(self, prefix: str, namespace: Namespace):
-        prefix = prefix.strip("/")
         self.namespace = namespace
-        self.root = f"{prefix}/v{FORMAT_VERSION}/{namespace.path()}" if prefix else \
-            f"v{FORMAT_VERSION}/{namespace.path()}"
+        self.root = version_root(prefix) + namespace.path()
 
     def segment_dir(self, segment_id: str) -> str:
-        check_segment_id(segment_id)
-        # The id is random hex, so its first two digits spread segments over S3 partitions.
-        return f"{self.root}/seg/{segment_id[:2]}/{segment_id}"
+        return segment_dir_at(self.root, segment_id)
 
     def layer_object(self, segment_id: str, layer: int) -> str:
-        if not (_is_int(layer) and 0 <= layer < MAX_LAYERS):
-            raise FormatError(f"layer index out of range: {layer!r}")
-        return f"{self.segment_dir(segment_id)}/L{layer:04d}"
+        return layer_key_at(self.segment_dir(segment_id), layer)
 
     def manifest_object(self, segment_id: str) -> str:
-        return f"{self.segment_dir(segment_id)}/manifest.json"
+        return manifest_key_at(self.segment_dir(segment_id))
 
     def pointer_object(self, chunk_hash: int) -> str:
-        h = hash_hex(chunk_hash)
-        # vLLM's builtin hashes are already uniform, sha256-derived ones too; the extra digest
-        # keeps the spread even for adversarial or sequential hash values.
-        spread = hashlib.blake2b(h.encode(), digest_size=1).hexdigest()
-        return f"{self.root}/ptr/{spread}/{h}"
+        return pointer_key_at(self.root, chunk_hash)
 
     def segments_root(self) -> str:
-        return f"{self.root}/seg/"
+        return f"{self.root}/{SEGMENTS_DIR}/"
 
     def pointers_root(self) -> str:
-        return f"{self.root}/ptr/"
+        return f"{self.root}/{POINTERS_DIR}/"
+
+
+class ParsedKey(NamedTuple):
+    """What a listed key is: ``kind`` "segment" (``ident`` the segment id, ``name`` the file in
+    its directory: ``manifest.json`` or a layer name) or "pointer" (``ident`` the hash hex)."""
+
+    kind: str
+    ns_root: str
+    ident: str
+    name: str
+
+    @property
+    def is_manifest(self) -> bool:
+        return self.kind == "segment" and self.name == MANIFEST_NAME
+
+    @property
+    def layer(self) -> int | None:
+        return parse_layer_name(self.name) if self.kind == "segment" else None
+
+
+def parse_key(key: str) -> ParsedKey | None:
+    """Classify a key by its last components; None for a key that is not a v1 object name."""
+    parts = key.split("/")
+    if len(parts) >= 5 and parts[-4] == SEGMENTS_DIR:
+        sid, name = parts[-2], parts[-1]
+        if not _SEGMENT_ID_RE.match(sid) or parts[-3] != sid[:2]:
+            return None
+        if name == MANIFEST_NAME or parse_layer_name(name) is not None:
+            return ParsedKey("segment", "/".join(parts[:-4]), sid, name)
+        return None
+    if len(parts) >= 4 and parts[-3] == POINTERS_DIR:
+        h = parts[-1]
+        if len(h) == 16 and set(h) <= _HEX and len(parts[-2]) == 2 and set(parts[-2]) <= _HEX:
+            return ParsedKey("pointer", "/".join(parts[:-3]), h, "")
+    return None
+
+
+def is_manifest_key(key: str) -> bool:
+    parsed = parse_key(key)
+    return parsed is not None and parsed.is_manifest
+
+
+def is_pointer_key(key: str) -> bool:
+    parsed = parse_key(key)
+    return parsed is not None and parsed.kind == "pointer"
+
+
+def layer_of_key(key: str) -> int | None:
+    """The layer index of a layer object's key, or None for any other key."""
+    parsed = parse_key(key)
+    return None if parsed is None else parsed.layer
+
+
+def segment_dir_of_key(key: str) -> str | None:
+    """The segment directory a segment object's key is in, or None for any other key."""
+    parsed = parse_key(key)
+    return segment_dir_at(parsed.ns_root, parsed.ident) if parsed is not None and parsed.kind == "segment" else None
 
 
 def hash_hex(chunk_hash: int) -> str:
@@ -174,12 +280,9 @@ def check_segment_id(segment_id: Any) -> str:
 
 
 def parse_segment_dir(key: str) -> str | None:
-    """The segment id of a key under ``.../seg/xx/<id>/...``, or None."""
-    parts = key.split("/")
-    for i in range(len(parts) - 2):
-        if parts[i] == "seg" and _SEGMENT_ID_RE.match(parts[i + 2]) and parts[i + 1] == parts[i + 2][:2]:
-            return parts[i + 2]
-    return None
+    """The segment id of a segment object's key (``.../seg/xx/<id>/<name>``), or None."""
+    parsed = parse_key(key)
+    return parsed.ident if parsed is not None and parsed.kind == "segment" else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,36 +571,6 @@ def normalize_hash(chunk_hash: int) -> int:
 
 def chunk_hashes_of(manifests: Iterable[Manifest]) -> set[int]:
     return {h for m in manifests for h in m.chunk_hashes}
-
-
-def split_into_segments(n_chunks: int, max_chunks: int) -> list[tuple[int, int]]:
-    """[start, end) chunk index ranges of at most ``max_chunks`` each, in order."""
-    return [(s, min(s + max_chunks, n_chunks)) for s in range(0, n_chunks, max_chunks)]
-
-
-def split_runs_into_segments(positions: Sequence[int], max_chunks: int) -> list[tuple[int, int]]:
-    """[start, end) ranges covering exactly ``positions`` (increasing chunk positions of one
-    store): each range is a run of consecutive positions of at most ``max_chunks``.
-
-    A store's new chunks need not be contiguous (chunks in between may be committed already,
-    by this or another writer); a segment's layer object concatenates its chunks, so each run
-    of consecutive new chunks is cut on its own.
-    """
-    if max_chunks < 1:
-        raise ValueError("max_chunks must be at least 1")
-    out: list[tuple[int, int]] = []
-    run_start = prev = None
-    for p in positions:
-        if prev is not None and p <= prev:
-            raise ValueError("positions must be strictly increasing")
-        if run_start is None or p != prev + 1 or p - run_start == max_chunks:
-            if run_start is not None:
-                out.append((run_start, prev + 1))
-            run_start = p
-        prev = p
-    if run_start is not None:
-        out.append((run_start, prev + 1))
-    return out
 
 
 def validate_chunk_hashes(hashes: Sequence[int]) -> tuple[int, ...]:

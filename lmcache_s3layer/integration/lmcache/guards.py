@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .config import S3LayerConfig
-from .errors import ConfigError
+from lmcache_s3layer.config import S3LayerConfig
+from lmcache_s3layer.errors import ConfigError
 
 # vLLM's cryptographic hashes derive NONE_HASH from a fixed default seed (kv_cache_utils.
 # resolve_none_hash_seed); everything else depends on PYTHONHASHSEED.

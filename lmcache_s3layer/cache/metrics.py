@@ -14,13 +14,19 @@ twice and no polling thread exists.
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 import weakref
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from lmcache_s3layer.format.objects import is_pointer_key
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +77,7 @@ class Metrics:
         self._cores: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self._counted: list[_Counted] = []
         r.register(_StateCollector(self._cores, self._counted))
-        self._server = None
+        self._server: WSGIServer | None = None
         self._serve_lock = threading.Lock()
         self.server_port: int | None = None
 
@@ -140,8 +146,7 @@ class Metrics:
         # A chunk pointer that does not exist is how a lookup learns of a miss
         # (``<ns root>/ptr/<xx>/<hash>``); counting it as a fault would make every cold miss
         # look like an error on a dashboard. Misses are in s3layer_index_resolutions instead.
-        parts = key.split("/")
-        if kind == "ObjectNotFound" and len(parts) >= 3 and parts[-3] == "ptr":
+        if kind == "ObjectNotFound" and is_pointer_key(key):
             return
         self.fault(kind)
 
@@ -236,27 +241,27 @@ class _StateCollector:
                                                lambda c: c.prefetcher.stats.chunks_copied),
         }
         for name, (doc, fn) in counters.items():
-            fam = CounterMetricFamily(name, doc)
-            fam.add_metric([], _sum(counted, fn))
-            yield fam
+            cfam = CounterMetricFamily(name, doc)
+            cfam.add_metric([], _sum(counted, fn))
+            yield cfam
 
         layers = CounterMetricFamily("s3layer_prefetch_layers", "Prefetched layers by outcome", labels=["outcome"])
         for outcome, attr in (("staged", "layers_staged"), ("taken", "layers_taken"),
                               ("evicted", "layers_evicted"), ("failed", "layers_failed")):
-            layers.add_metric([outcome], _sum(counted, lambda c, a=attr: getattr(c.prefetcher.stats, a)))
+            layers.add_metric([outcome], _sum(counted, operator.attrgetter(f"prefetcher.stats.{attr}")))
         yield layers
 
         retr = CounterMetricFamily("s3layer_prefetch_retrievals", "Retrievals started, and how they ended early",
                                    labels=["outcome"])
         for outcome, attr in (("started", "retrievals"), ("cancelled", "cancelled"),
                               ("idle_expired", "idle_expired")):
-            retr.add_metric([outcome], _sum(counted, lambda c, a=attr: getattr(c.prefetcher.stats, a)))
+            retr.add_metric([outcome], _sum(counted, operator.attrgetter(f"prefetcher.stats.{attr}")))
         yield retr
 
         res = CounterMetricFamily("s3layer_index_resolutions", "Chunk look-ups by where the answer came from",
                                   labels=["source"])
         for source, attr in (("memory", "memory_hits"), ("remote", "remote_hits"), ("miss", "misses")):
-            res.add_metric([source], _sum(counted, lambda c, a=attr: getattr(c.index.stats, a)))
+            res.add_metric([source], _sum(counted, operator.attrgetter(f"index.stats.{attr}")))
         yield res
 
         bad = CounterMetricFamily("s3layer_index_bad_objects", "Malformed or inconsistent pointers/manifests seen")

@@ -18,6 +18,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from lmcache_s3layer.config import fmt_bytes
+from lmcache_s3layer.store.ranges import count_parts
+
 MIB = 1 << 20
 GIB = 1 << 30
 
@@ -844,11 +847,11 @@ def plan(
     # most part_size. Lookups on a cold index read one pointer per chunk and one manifest per
     # segment; a warm index needs neither.
     layer_objects = n_segments * L
-    ours_data_gets = sum(count * L * -(-(tokens * bpt) // layout.part_size) for count, tokens in segments)
+    ours_data_gets = sum(count * L * count_parts(tokens * bpt, layout.part_size) for count, tokens in segments)
     largest_segment = max((tokens for _, tokens in segments), default=0) * bpt
     if largest_segment > S3_MAX_SINGLE_PUT:
         raise PlannerError(
-            f"a segment layer object would be {largest_segment / GIB:.1f} GiB, above S3's 5 GiB "
+            f"a segment layer object would be {fmt_bytes(largest_segment)}, above S3's 5 GiB "
             "single-PUT limit; lower --segment-max-chunks"
         )
     ours = layout_plan(

@@ -15,7 +15,9 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
-from . import __version__, planner
+from lmcache_s3layer import __version__
+from lmcache_s3layer.admin import planner
+from lmcache_s3layer.config import fmt_bytes
 
 PROG = "lmcache-s3layer"
 
@@ -170,13 +172,6 @@ def build_plan(args: argparse.Namespace) -> planner.Plan:
                         gpu=gpu, link=link, prices=prices, layout=layout)
 
 
-def _bytes(n: float) -> str:
-    for unit, size in (("GiB", planner.GIB), ("MiB", planner.MIB), ("KiB", 1024)):
-        if n >= size:
-            return f"{n / size:,.2f} {unit}"
-    return f"{n:,.0f} B"
-
-
 def _ms(ms: float) -> str:
     return f"{ms / 1e3:,.2f} s" if ms >= 1000 else f"{ms:,.2f} ms"
 
@@ -196,9 +191,9 @@ def format_plan(pl: planner.Plan) -> str:
         f"first byte | {pl.prices.name}",
         f"prefix {pl.context_tokens:,} tokens cached + {pl.new_tokens:,} new",
         "",
-        f"  KV per token per layer   {_bytes(pl.bytes_per_token_per_layer)}",
-        f"  KV per layer             {_bytes(pl.bytes_per_layer)}",
-        f"  KV, all layers           {_bytes(pl.kv_bytes)} ({pl.kv_bytes / 1e9:,.2f} GB)",
+        f"  KV per token per layer   {fmt_bytes(pl.bytes_per_token_per_layer, 2)}",
+        f"  KV per layer             {fmt_bytes(pl.bytes_per_layer, 2)}",
+        f"  KV, all layers           {fmt_bytes(pl.kv_bytes, 2)} ({pl.kv_bytes / 1e9:,.2f} GB)",
         f"  compute per layer        {_ms(pl.t_layer_ms)}   (all layers {_ms(pl.compute_ms)})",
         f"  fetch per layer          {_ms(pl.fetch_per_layer_ms)}   (whole load {_ms(pl.load_ms)})",
     ]
@@ -213,7 +208,7 @@ def format_plan(pl: planner.Plan) -> str:
         f"  TTFT floor               {_ms(pl.ttft_floor_ms)}",
         f"  recompute instead        {_ms(pl.recompute_ms)}   "
         f"(loading is {pl.load_vs_recompute:,.1f}x faster)",
-        f"  in-flight GETs needed    {pl.concurrency_needed:,}   ({_bytes(ours.mean_get_bytes)} GETs at "
+        f"  in-flight GETs needed    {pl.concurrency_needed:,}   ({fmt_bytes(ours.mean_get_bytes, 2)} GETs at "
         f"{ours.per_stream_mbytes_per_s:,.0f} MB/s each)",
         f"  fits in HBM after load   {'yes' if pl.fits_in_hbm else 'NO'}   "
         f"(weights + KV {pl.hbm_needed_bytes / 1e9:,.1f} GB, HBM {g.hbm_bytes * g.count / 1e9:,.0f} GB)",
@@ -287,7 +282,7 @@ def _s3_config_from_args(args: argparse.Namespace):
 
     import yaml
 
-    from .config import PREFIX, S3LayerConfig
+    from lmcache_s3layer.config import PREFIX, S3LayerConfig
 
     values: dict = {}
     if args.lmcache_config:
@@ -325,8 +320,8 @@ def _s3_config_from_args(args: argparse.Namespace):
 def _run_ops(args: argparse.Namespace, body: Callable) -> int:
     """Open the bucket, run ``body(store)``; typed failures become messages and exit codes:
     2 for bad settings (like a usage error), 3 when the store cannot be reached or read."""
-    from . import ops
-    from .errors import ConfigError, S3LayerError
+    from lmcache_s3layer.admin import ops
+    from lmcache_s3layer.errors import ConfigError, S3LayerError
 
     try:
         store = ops.connect(_s3_config_from_args(args))
@@ -352,7 +347,7 @@ def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _segment_row(d: dict) -> tuple:
-    from .ops import fmt_age, fmt_bytes
+    from lmcache_s3layer.admin.ops import fmt_age
 
     if "model" not in d:
         return (d["segment_id"], "(unreadable manifest)", "", "", "", "", "", fmt_bytes(d["bytes"]),
@@ -370,7 +365,8 @@ def _table(rows: list[tuple]) -> list[str]:
 def run_inspect(args: argparse.Namespace) -> int:
     import time
 
-    from . import ops
+    from lmcache_s3layer.admin import ops
+    from lmcache_s3layer.format.objects import version_root
 
     def body(store) -> int:
         sc = ops.scan(store, jobs=args.jobs)
@@ -381,7 +377,7 @@ def run_inspect(args: argparse.Namespace) -> int:
                 segments = [ops.find_segment(sc, args.segment)]
             except LookupError as exc:
                 raise UsageError(str(exc)) from None
-        where = f"s3://{store.client.bucket}/{ops.list_root(store.prefix)}"
+        where = f"s3://{store.client.bucket}/{version_root(store.prefix)}"
         problems = [p for s in segments for p in s.problems(store.prefix)]
         report = None
         if args.verify:
@@ -407,7 +403,7 @@ def run_inspect(args: argparse.Namespace) -> int:
                 "verify": report.to_json() if report else None,
             }, indent=2))
         else:
-            print(f"{where}: {len(descs)} segment(s), {ops.fmt_bytes(sum(d['bytes'] for d in descs))}, "
+            print(f"{where}: {len(descs)} segment(s), {fmt_bytes(sum(d['bytes'] for d in descs))}, "
                   f"{sum(d.get('tokens', 0) for d in descs):,} tokens")
             if descs:
                 header = ("SEGMENT", "MODEL", "RANK", "DTYPE", "CHUNKS", "TOKENS", "LAYERS", "SIZE", "AGE")
@@ -415,14 +411,14 @@ def run_inspect(args: argparse.Namespace) -> int:
                     print("  " + line)
             if sc.orphan_dirs or orphan_ptrs:
                 print(f"orphans: {len(sc.orphan_dirs)} segment dir(s) without a manifest "
-                      f"({ops.fmt_bytes(sum(d.size for d in sc.orphan_dirs))}), {len(orphan_ptrs)} "
+                      f"({fmt_bytes(sum(d.size for d in sc.orphan_dirs))}), {len(orphan_ptrs)} "
                       "pointer(s) no manifest names; `gc` collects them after the grace period")
             if sc.foreign:
                 print(f"{len(sc.foreign)} object(s) under the prefix are not format v1 names (left alone)")
             if report is not None:
                 rate = report.bytes / report.seconds if report.seconds > 0 else 0.0
                 print(f"verified {report.segments} segment(s), {report.layers} layer object(s), "
-                      f"{ops.fmt_bytes(report.bytes)} in {report.seconds:.2f} s ({ops.fmt_bytes(rate)}/s)")
+                      f"{fmt_bytes(report.bytes)} in {report.seconds:.2f} s ({fmt_bytes(rate)}/s)")
             for p in problems:
                 print(f"CORRUPT {p}")
             if problems:
@@ -452,7 +448,7 @@ def add_gc_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _gc_line(a, dry_run: bool) -> str:
-    from .ops import fmt_age, fmt_bytes
+    from lmcache_s3layer.admin.ops import fmt_age
 
     verb = "would delete" if dry_run else ("deleted" if a.done else "kept" if not a.error else "FAILED")
     if a.kind == "segment":
@@ -470,9 +466,9 @@ def _gc_line(a, dry_run: bool) -> str:
 
 
 def run_gc(args: argparse.Namespace) -> int:
-    from . import ops
-    from .config import parse_size
-    from .errors import ConfigError
+    from lmcache_s3layer.admin import ops
+    from lmcache_s3layer.config import parse_size
+    from lmcache_s3layer.errors import ConfigError
 
     try:
         older = ops.parse_duration(args.older_than) if args.older_than is not None else None
@@ -498,40 +494,13 @@ def run_gc(args: argparse.Namespace) -> int:
         else:
             s = rep.to_json()["summary"]
             verb = "would delete" if args.dry_run else "deleted"
-            print(f"gc: {verb} {s['segments']} segment(s) ({ops.fmt_bytes(s['segment_bytes'])}), "
+            print(f"gc: {verb} {s['segments']} segment(s) ({fmt_bytes(s['segment_bytes'])}), "
                   f"{s['orphan_layer_objects']} orphan layer object(s), {s['orphan_pointers']} orphan "
-                  f"pointer(s); kept {s['kept_segments']} segment(s) ({ops.fmt_bytes(s['kept_bytes'])})"
+                  f"pointer(s); kept {s['kept_segments']} segment(s) ({fmt_bytes(s['kept_bytes'])})"
                   + (f"; {s['errors']} failed" if s["errors"] else ""))
         return 1 if rep.errors else 0
 
     return _run_ops(args, body)
-
-
-def add_server_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("server_args", nargs=argparse.REMAINDER, metavar="[start|stop|status] [OPTIONS]",
-                   help="passed to `python -m lmcache_s3layer.server` "
-                   "(see `lmcache-s3layer server start --help`)")
-
-
-def run_server(args: argparse.Namespace) -> int:
-    from . import server
-
-    try:
-        return server.main(args.server_args)
-    except SystemExit as exc:  # its argparse: --help, bad flags
-        return exc.code if isinstance(exc.code, int) else 2
-
-
-def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    from . import benchmarking  # light: lmcache and torch load only when the benchmark runs
-
-    benchmarking.add_pipeline_arguments(p)
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    from . import benchmarking
-
-    return benchmarking.run_pipeline(args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -561,18 +530,22 @@ COMMANDS: dict[str, Command] = {
         add_gc_arguments,
         run_gc,
     ),
-    "server": Command(
-        "run a local SeaweedFS S3 server on 127.0.0.1 (python -m lmcache_s3layer.server)",
-        add_server_arguments,
-        run_server,
-    ),
-    "bench": Command(
-        "pipeline benchmark: TTFT of a prefix streamed from S3 through LMCache's retrieve_layer "
-        "(ours vs depth 1 vs LMCache's s3:// vs the bound); same as benchmarks/pipeline.py",
-        add_bench_arguments,
-        run_bench,
-    ),
 }
+
+# Development commands (``server``, ``bench``) live with the test tools in
+# ``lmcache_s3layer.testing`` and register here through this entry-point group, so the
+# runtime CLI never imports them.
+COMMAND_ENTRY_POINTS = "lmcache_s3layer.commands"
+
+
+def all_commands() -> dict[str, Command]:
+    from importlib.metadata import entry_points
+
+    commands = dict(COMMANDS)
+    for ep in entry_points(group=COMMAND_ENTRY_POINTS):
+        if ep.name not in commands:
+            commands[ep.name] = ep.load()
+    return commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -580,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="S3-compatible object storage as a layer-major KV-cache tier for LMCache.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, cmd in COMMANDS.items():
+    for name, cmd in all_commands().items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
         cmd.add_arguments(p)
         p.set_defaults(_run=cmd.run, _parser=p)

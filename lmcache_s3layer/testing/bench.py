@@ -2,7 +2,7 @@
 proxy, and per-layer timings of stepping ``retrieve_layer`` the way vLLM steps it.
 
 Everything LMCache- and torch-related is imported inside functions: ``python -m
-lmcache_s3layer.benchmarking serve-proxy`` (the proxy process) must start in a fraction of a
+lmcache_s3layer.testing.bench serve-proxy`` (the proxy process) must start in a fraction of a
 second, and importing this module must not import lmcache before vLLM initialises (see the
 package docstring).
 
@@ -17,9 +17,8 @@ Pieces (used by ``benchmarks/pipeline.py`` and ``benchmarks/s3_throughput.py``):
   ``127`` in domain ``0.0.2`` while ``127.0.0.1`` keeps meaning path style. ``<bucket>.localhost``
   would be the usual trick, but it does not resolve here (glibc has no ``*.localhost`` rule)
   and awscrt resolves the Host header itself.
-- ``build_engine`` / ``destroy_engine``: an ``LMCacheEngine`` built through
-  ``LMCacheEngineBuilder`` as LMCache's vLLM adapter does (copied from tests/engine_helpers,
-  which users cannot import), with our ``CPULayerwiseConnector`` (layerwise) or
+- ``build_engine`` / ``destroy_engine``: an ``LMCacheEngine`` built by ``testing.engine`` (as
+  LMCache's vLLM adapter builds it), with our ``CPULayerwiseConnector`` (layerwise) or
   ``ChunkConnector`` (non-layerwise, for the stock connector, which cannot store layers).
 - ``retrieve_layerwise_timed`` / ``retrieve_blocking_timed``: TTFT timelines with a
   simulated per-layer compute time (``simulate_compute``: ``time.sleep``, see there).
@@ -33,7 +32,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -44,9 +42,12 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
-from .server import LocalS3Server
+from lmcache_s3layer.config import fmt_bytes
+from lmcache_s3layer.format.objects import DTYPE_SIZES, layer_of_key
+from lmcache_s3layer.store.ranges import split_range
+from lmcache_s3layer.testing.server import LocalS3Server
 
 # LMCache phones home from every engine start unless told not to; its INFO lines (one per
 # store and retrieve) would drown the benchmark's output.
@@ -58,11 +59,10 @@ VHOST_DOMAIN = "0.0.2"
 VHOST_LISTEN = "127.0.0.2"
 VHOST_BUCKET = "127"  # Host 127.0.0.2 = bucket "127" + domain "0.0.2"
 PATH_LISTEN = "127.0.0.1"
-HASH_ALGORITHM = "sha256_cbor"  # process-independent chunk hashes, no PYTHONHASHSEED needed
 
 
 def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]  # lmcache_s3layer/testing/bench.py
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,7 +86,7 @@ class KVShape:
 
     @property
     def dtype_bytes(self) -> int:
-        return {"bfloat16": 2, "float16": 2, "float32": 4}[self.dtype]
+        return DTYPE_SIZES[self.dtype]
 
     @property
     def bytes_per_token_layer(self) -> int:
@@ -102,6 +102,13 @@ class KVShape:
         import torch
 
         return getattr(torch, self.dtype)
+
+    def spec(self):
+        """The engine builder's ``KVSpec`` (single rank)."""
+        from lmcache_s3layer.testing.engine import KVSpec
+
+        return KVSpec(num_layers=self.num_layers, num_kv_heads=self.num_kv_heads, head_size=self.head_size,
+                      chunk_size=self.chunk_size, dtype=self.torch_dtype(), model_name=self.model_name)
 
 
 LLAMA_31_8B = KVShape("meta-llama/Llama-3.1-8B", num_layers=32, num_kv_heads=8, head_size=128)
@@ -135,7 +142,7 @@ class ProxyProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(repo_root()), env.get("PYTHONPATH", "")])
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "lmcache_s3layer.benchmarking", "serve-proxy",
+            [sys.executable, "-m", "lmcache_s3layer.testing.bench", "serve-proxy",
              "--upstream-port", str(self.upstream_port), "--delay-ms", str(self._delay_ms)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             env=env, start_new_session=True)
@@ -145,8 +152,9 @@ class ProxyProcess:
 
     def _read(self, timeout: float) -> dict:
         assert self._proc is not None and self._proc.stdout is not None
+        stdout = self._proc.stdout
         result: list[str] = []
-        reader = threading.Thread(target=lambda: result.append(self._proc.stdout.readline()), daemon=True)
+        reader = threading.Thread(target=lambda: result.append(stdout.readline()), daemon=True)
         reader.start()
         reader.join(timeout)
         if not result or not result[0]:
@@ -181,9 +189,9 @@ class ProxyProcess:
 
 def _serve_proxies(argv: Sequence[str]) -> int:
     """Child-process side of ``ProxyProcess``."""
-    from .proxy import LatencyProxy
+    from lmcache_s3layer.testing.proxy import LatencyProxy
 
-    p = argparse.ArgumentParser(prog="python -m lmcache_s3layer.benchmarking serve-proxy")
+    p = argparse.ArgumentParser(prog="python -m lmcache_s3layer.testing.bench serve-proxy")
     p.add_argument("--upstream-port", type=int, required=True)
     p.add_argument("--delay-ms", type=float, default=0.0)
     args = p.parse_args(argv)
@@ -208,7 +216,7 @@ def _serve_proxies(argv: Sequence[str]) -> int:
                     px.set_delay(float(cmd["ms"]))
                 reply({"ok": True})
             elif op == "stats":
-                total: dict[str, int] = {}
+                total: dict[str, int | float] = {}
                 for px in proxies.values():
                     for k, v in px.stats().items():
                         if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -233,8 +241,12 @@ class Testbed:
     """
 
     def __init__(self, delay_ms: float = 0.0, data_dir: str | os.PathLike | None = None):
-        self._tmp = None if data_dir else tempfile.mkdtemp(prefix="s3layer-bench-")
-        self.data_dir = Path(data_dir or self._tmp)
+        self._tmp: str | None = None
+        if data_dir:
+            self.data_dir = Path(data_dir)
+        else:
+            self._tmp = tempfile.mkdtemp(prefix="s3layer-bench-")
+            self.data_dir = Path(self._tmp)
         self.server = VirtualHostServer(data_dir=self.data_dir / "seaweedfs", name="bench")
         self.proxy: ProxyProcess | None = None
         self._delay_ms = delay_ms
@@ -242,7 +254,9 @@ class Testbed:
     def __enter__(self) -> "Testbed":
         try:
             self.server.start(timeout=60)
-            self.proxy = ProxyProcess(self.server.s3_port, self._delay_ms).start()
+            s3_port = self.server.s3_port
+            assert s3_port is not None  # a started server has all its ports
+            self.proxy = ProxyProcess(s3_port, self._delay_ms).start()
         except BaseException:
             self.close()
             raise
@@ -259,9 +273,14 @@ class Testbed:
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
+    def _live_proxy(self) -> ProxyProcess:
+        if self.proxy is None:  # outside ``with Testbed()``: the same AttributeError as before, clearer
+            raise AttributeError("Testbed is not running: its latency proxy is not started")
+        return self.proxy
+
     @property
     def endpoint_url(self) -> str:
-        return f"http://{PATH_LISTEN}:{self.proxy.ports['path']}"
+        return f"http://{PATH_LISTEN}:{self._live_proxy().ports['path']}"
 
     @property
     def direct_endpoint_url(self) -> str:
@@ -270,7 +289,7 @@ class Testbed:
     @property
     def vhost_authority(self) -> str:
         """What goes after ``s3://`` in LMCache's ``remote_url`` (bucket ``VHOST_BUCKET``)."""
-        return f"{VHOST_LISTEN}:{self.proxy.ports['vhost']}"
+        return f"{VHOST_LISTEN}:{self._live_proxy().ports['vhost']}"
 
     @property
     def access_key(self) -> str:
@@ -285,11 +304,11 @@ class Testbed:
         return self.server.region
 
     def set_delay(self, ms: float) -> None:
-        self.proxy.set_delay(ms)
+        self._live_proxy().set_delay(ms)
 
     def responses(self) -> int:
         """Responses the proxy has started (both listeners): one per S3 request."""
-        return int(self.proxy.stats().get("responses", 0))
+        return int(self._live_proxy().stats().get("responses", 0))
 
     def boto_client(self, direct: bool = False, max_pool_connections: int = 64):
         return make_boto_client(self.direct_endpoint_url if direct else self.endpoint_url, self.access_key,
@@ -319,7 +338,7 @@ def unique_bucket(prefix: str = "s3layer-bench") -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# LMCache engine on CPU (logic from tests/engine_helpers.py)
+# LMCache engine on CPU (``testing.engine`` builds it; imported lazily, it imports torch)
 
 
 _BENCH_SECRET_ENV = "S3LAYER_BENCH_SECRET"
@@ -329,20 +348,12 @@ def plugin_engine_values(bed: Testbed, bucket: str, prefix: str, *, max_local_cp
                          **s3layer: Any) -> dict:
     """LMCache config (plain keys) for our plugin, layerwise, no LocalCPU cache tier. The
     secret is an ``env:`` reference, as users are told to write it (LMCache logs its config)."""
-    os.environ[_BENCH_SECRET_ENV] = bed.secret_key
-    extra = {
-        "storage_plugin.s3layer.module_path": "lmcache_s3layer.backend",
-        "storage_plugin.s3layer.class_name": "S3LayerBackend",
-        "s3layer.bucket": bucket,
-        "s3layer.prefix": prefix,
-        "s3layer.endpoint_url": bed.endpoint_url,
-        "s3layer.access_key_id": bed.access_key,
-        "s3layer.secret_access_key": f"env:{_BENCH_SECRET_ENV}",
-        "s3layer.region": bed.region,
-    }
-    extra.update({f"s3layer.{k}": v for k, v in s3layer.items()})
-    return {"use_layerwise": True, "local_cpu": False, "max_local_cpu_size": max_local_cpu_gb,
-            "storage_plugins": ["s3layer"], "extra_config": extra}
+    from lmcache_s3layer.testing.engine import plugin_extra_config, plugin_overrides, secret_ref
+
+    extra = plugin_extra_config(**{
+        "bucket": bucket, "prefix": prefix, "endpoint_url": bed.endpoint_url, "access_key_id": bed.access_key,
+        "secret_access_key": secret_ref(_BENCH_SECRET_ENV, bed.secret_key), "region": bed.region, **s3layer})
+    return {"use_layerwise": True, **plugin_overrides(extra, max_local_cpu_gb=max_local_cpu_gb)}
 
 
 def local_cpu_engine_values(*, max_local_cpu_gb: float) -> dict:
@@ -364,66 +375,32 @@ def stock_s3_engine_values(bed: Testbed, *, max_local_cpu_gb: float, io_threads:
     }
 
 
-def engine_config(values: dict, shape: KVShape):
-    from lmcache.v1.config import LMCacheEngineConfig
+def build_engine(values: dict, shape: KVShape, connector: Any = None):
+    """``testing.engine.build_engine`` for ``shape``; ``connector``: default
+    ``CPULayerwiseConnector`` (flash-attn layout caches from ``paged_kv_caches``). Release with
+    ``destroy_engine``."""
+    from lmcache_s3layer.testing import engine
 
-    merged = {"chunk_size": shape.chunk_size, "save_unfull_chunk": False,
-              "pre_caching_hash_algorithm": HASH_ALGORITHM, "enable_controller": False,
-              "internal_api_server_enabled": False}
-    merged.update(values)
-    return LMCacheEngineConfig.from_dict(merged)
-
-
-def engine_metadata(shape: KVShape):
-    from lmcache.v1.metadata import LMCacheMetadata
-
-    return LMCacheMetadata(
-        model_name=shape.model_name, world_size=1, local_world_size=1, worker_id=0, local_worker_id=0,
-        kv_dtype=shape.torch_dtype(),
-        kv_shape=(shape.num_layers, 2, shape.chunk_size, shape.num_kv_heads, shape.head_size),
-        use_mla=False, role="worker", chunk_size=shape.chunk_size)
-
-
-def build_engine(values: dict, shape: KVShape, connector: Any = None, instance_id: str | None = None):
-    """``LMCacheEngineBuilder.get_or_create`` + ``post_init``, single rank, as LMCache's vLLM
-    adapter builds it. ``connector``: default ``CPULayerwiseConnector`` (flash-attn layout
-    caches from ``paged_kv_caches``). Release with ``destroy_engine``."""
-    from lmcache.v1.cache_engine import LMCacheEngineBuilder
-
-    config = engine_config(values, shape)
-    metadata = engine_metadata(shape)
-    if connector is None:
-        connector = layerwise_connector(shape)
-    instance_id = instance_id or f"s3layer-bench-{uuid.uuid4().hex[:12]}"
-    engine = LMCacheEngineBuilder.get_or_create(instance_id, config, metadata, connector,
-                                                lambda tensor, src: tensor, lambda obj, src: obj)
-    engine.post_init()
-    engine._s3layer_instance_id = instance_id
-    return engine
+    return engine.build_engine(values, shape.spec(), connector if connector is not None else layerwise_connector(shape),
+                              name="s3layer-bench")
 
 
 def destroy_engine(engine) -> None:
-    from lmcache.v1.cache_engine import LMCacheEngineBuilder
+    from lmcache_s3layer.testing.engine import destroy_engine as destroy
 
-    LMCacheEngineBuilder.destroy(engine._s3layer_instance_id)
+    destroy(engine)
 
 
-@contextlib.contextmanager
-def lmcache_engine(values: dict, shape: KVShape, connector: Any = None) -> Iterator[Any]:
-    engine = build_engine(values, shape, connector)
-    try:
-        yield engine
-    finally:
-        destroy_engine(engine)
+def plugin_backend(engine):
+    from lmcache_s3layer.testing.engine import plugin_backend as backend
+
+    return backend(engine)
 
 
 def layerwise_connector(shape: KVShape):
-    import torch
+    from lmcache_s3layer.testing.engine import make_cpu_connector
 
-    from .cpu_connector import CPULayerwiseConnector
-
-    return CPULayerwiseConnector.from_metadata(engine_metadata(shape), device=torch.device("cpu"),
-                                               kv_layout="flash_attn")
+    return make_cpu_connector(shape.spec(), kv_layout="flash_attn")
 
 
 def chunk_connector(shape: KVShape):
@@ -626,14 +603,7 @@ def retrieve_blocking_timed(engine, prompt: Prompt, compute_s: float, *, gap_s: 
 
 def split_ranges(objects: Sequence[tuple[str, int, int]], part_size: int) -> list[tuple[str, int, int]]:
     """(key, offset, length) ranges of at most ``part_size`` covering each (key, offset, length)."""
-    out = []
-    for key, offset, length in objects:
-        pos = offset
-        while pos < offset + length:
-            n = min(part_size, offset + length - pos)
-            out.append((key, pos, n))
-            pos += n
-    return out
+    return [(key, pos, n) for key, offset, length in objects for pos, n in split_range(offset, length, part_size)]
 
 
 def ranged_get_seconds(client, bucket: str, ranges: Sequence[tuple[str, int, int]], concurrency: int) -> float:
@@ -654,15 +624,12 @@ def ranged_get_seconds(client, bucket: str, ranges: Sequence[tuple[str, int, int
     return elapsed
 
 
-_LAYER_OBJECT = re.compile(r"/seg/[0-9a-f]{2}/[^/]+/L\d{4}$")
-
-
 def layer_objects(client, bucket: str, prefix: str) -> list[tuple[str, int]]:
     """(key, size) of every layer object under ``prefix`` (our format v1 names)."""
     out = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/"):
         for o in page.get("Contents", []):
-            if _LAYER_OBJECT.search(o["Key"]):
+            if layer_of_key(o["Key"]) is not None:
                 out.append((o["Key"], int(o["Size"])))
     return sorted(out)
 
@@ -710,10 +677,6 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", default=None,
                    help="where the JSON, the markdown table and the timeline PNGs go "
                         "(default: benchmarks/results, or a temporary directory with --quick)")
-
-
-def plugin_backend(engine):
-    return engine.storage_manager.storage_backends["s3layer"]
 
 
 def measure_bandwidth(bed: Testbed, bucket: str, prefix: str, part_size: int, concurrency: int,
@@ -835,8 +798,8 @@ def run_pipeline_benchmark(args: argparse.Namespace) -> dict:
         "tokens": tokens, "layer_bytes": layer_bytes, "kv_bytes": kv_bytes, "compute_ms": args.compute_ms,
         "gap_ms": args.gap_ms, "repeats": repeats, "staging_budget_bytes": budget,
     }
-    progress(f"{shape.model_name} KV, {tokens} tokens: {layer_bytes / MIB:.0f} MiB per layer, "
-             f"{kv_bytes / MIB:.0f} MiB in all; t_c {args.compute_ms:g} ms; latencies {latencies} ms")
+    progress(f"{shape.model_name} KV, {tokens} tokens: {fmt_bytes(layer_bytes, 0)} per layer, "
+             f"{fmt_bytes(kv_bytes, 0)} in all; t_c {args.compute_ms:g} ms; latencies {latencies} ms")
     engines: dict[str, Any] = {}
     stock_reason: str | None = None
     with Testbed(0.0) as bed:
@@ -965,15 +928,11 @@ def _goals(case: dict, budget: int) -> dict:
     return g
 
 
-def _fmt_bytes(n: float) -> str:
-    return f"{n / MIB:.0f} MiB" if n >= MIB else f"{n / 1024:.0f} KiB"
-
-
 def pipeline_table(result: dict) -> str:
     lines = [
         f"{result['model_kv_shape']['model']} KV, {result['tokens']} tokens "
-        f"({_fmt_bytes(result['kv_bytes'])}), t_c {result['compute_ms']:g} ms/layer, link "
-        f"{result['bw_mib_s']:g} MiB/s, staging budget {_fmt_bytes(result['staging_budget_bytes'])}",
+        f"({fmt_bytes(result['kv_bytes'], 0)}), t_c {result['compute_ms']:g} ms/layer, link "
+        f"{result['bw_mib_s']:g} MiB/s, staging budget {fmt_bytes(result['staging_budget_bytes'], 0)}",
         "",
         "| latency | variant | TTFT ms | bound ms | exposed ms | GETs | bytes | peak staging |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
@@ -987,8 +946,8 @@ def pipeline_table(result: dict) -> str:
                 lines.append(f"| {c['latency_ms']:g} ms | {v} | n/a: {r['reason']} | | | | | |")
                 continue
             lines.append(f"| {c['latency_ms']:g} ms | {v} | {r['ttft_ms']:.0f} | {c['bound_ms']:.0f} | "
-                         f"{r['exposed_ms']:.0f} | {r['gets']} | {_fmt_bytes(r['bytes'])} | "
-                         f"{_fmt_bytes(r['peak_staging_bytes'])} |")
+                         f"{r['exposed_ms']:.0f} | {r['gets']} | {fmt_bytes(r['bytes'], 0)} | "
+                         f"{fmt_bytes(r['peak_staging_bytes'], 0)} |")
     return "\n".join(lines)
 
 
@@ -1010,7 +969,7 @@ def plot_timeline(result: dict, case: dict, path: Path) -> Path:
                 color="tab:blue", label="compute (t_c)")
         ax.axvline(case["bound_ms"], color="black", linestyle="--", linewidth=1, label="bound")
         ax.set_title(f"{VARIANT_LABELS[v]}: TTFT {r['ttft_ms']:.0f} ms, exposed {r['exposed_ms']:.0f} ms, "
-                     f"{r['gets']} GETs, peak staging {_fmt_bytes(r['peak_staging_bytes'])}", fontsize=8,
+                     f"{r['gets']} GETs, peak staging {fmt_bytes(r['peak_staging_bytes'], 0)}", fontsize=8,
                      loc="left")
         ax.set_ylim(result["model_kv_shape"]["layers"], -1)
         ax.set_ylabel("layer", fontsize=8)
@@ -1157,10 +1116,10 @@ def _crt_read_seconds(endpoint: str, bucket: str, ranges: Sequence[tuple[str, in
 
 
 def run_throughput_benchmark(args: argparse.Namespace) -> dict:
-    from .config import S3LayerConfig
-    from .layout import Namespace
-    from .s3 import S3Client
-    from .segments import SegmentStore
+    from lmcache_s3layer.config import S3LayerConfig
+    from lmcache_s3layer.format.objects import Namespace
+    from lmcache_s3layer.store.client import S3Client
+    from lmcache_s3layer.store.segments import SegmentStore
 
     layers = args.layers or (16 if args.quick else 32)
     tokens = args.tokens or (1024 if args.quick else 4096)
@@ -1183,7 +1142,8 @@ def run_throughput_benchmark(args: argparse.Namespace) -> dict:
             endpoint = bed.endpoint_url if args.latency_ms > 0 else bed.direct_endpoint_url
             bucket = bed.create_bucket(unique_bucket())
             access, secret, region = bed.access_key, bed.secret_key, bed.region
-            result["server"] = "local SeaweedFS" + (f" behind a {args.latency_ms:g} ms proxy" if args.latency_ms else "")
+            behind = f" behind a {args.latency_ms:g} ms proxy" if args.latency_ms else ""
+            result["server"] = "local SeaweedFS" + behind
         result["latency_ms"] = args.latency_ms
         cfg = S3LayerConfig(bucket=bucket, prefix=f"s3tp-{uuid.uuid4().hex[:8]}", endpoint_url=endpoint,
                             access_key_id=access, secret_access_key=secret, region=region,
@@ -1194,7 +1154,7 @@ def run_throughput_benchmark(args: argparse.Namespace) -> dict:
         ns = Namespace(shape.model_name, 1, 0, shape.dtype)
         chunks = max(1, tokens // shape.chunk_size)
         chunk_tokens = [tokens // chunks] * chunks
-        progress(f"writing {layers} layer objects of {layer_bytes / MIB:.0f} MiB to {result['server']}")
+        progress(f"writing {layers} layer objects of {fmt_bytes(layer_bytes, 0)} to {result['server']}")
         data = [os.urandom(layer_bytes) for _ in range(layers)]
         manifest = store.write_segment(ns, [hash((i, uuid.uuid4().hex)) for i in range(chunks)], chunk_tokens,
                                        (2, shape.hidden), data)
@@ -1250,7 +1210,7 @@ def run_throughput_benchmark(args: argparse.Namespace) -> dict:
 
 def run_throughput(args: argparse.Namespace) -> int:
     result = run_throughput_benchmark(args)
-    line = (f"{result['layers']} x {result['layer_bytes'] / MIB:.0f} MiB, {result['part_size'] / MIB:g} MiB "
+    line = (f"{result['layers']} x {fmt_bytes(result['layer_bytes'], 0)}, {result['part_size'] / MIB:g} MiB "
             f"parts, {result['concurrency']} in parallel, {result['server']}: raw boto3 "
             f"{result['raw_mib_s']} MiB/s, ours (verified) {result['ours_mib_s']} MiB/s, ratio {result['ratio']}"
             + (f", awscrt {result['crt_mib_s']} MiB/s" if "crt_mib_s" in result else ""))
@@ -1271,7 +1231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve-proxy"]:
         return _serve_proxies(argv[1:])
-    print("usage: python -m lmcache_s3layer.benchmarking serve-proxy --upstream-port PORT [--delay-ms MS]",
+    print("usage: python -m lmcache_s3layer.testing.bench serve-proxy --upstream-port PORT [--delay-ms MS]",
           file=sys.stderr)
     return 2
 

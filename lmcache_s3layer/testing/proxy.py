@@ -18,7 +18,7 @@ Usage::
     with LatencyProxy("127.0.0.1", 8333, delay_ms=20) as proxy:
         s3 = boto3.client("s3", endpoint_url=proxy.endpoint_url, ...)
 
-or from a shell: ``python -m lmcache_s3layer.proxy --upstream 127.0.0.1:8333 --delay-ms 50``.
+or from a shell: ``python -m lmcache_s3layer.testing.proxy --upstream 127.0.0.1:8333 --delay-ms 50``.
 """
 
 from __future__ import annotations
@@ -393,6 +393,7 @@ class LatencyProxy:
             cwriter.transport.abort()
             return
         task = asyncio.current_task()
+        assert task is not None  # start_server runs each handler in its own task
         self._conn_tasks.add(task)
         try:
             await self._proxy_connection(creader, cwriter)
@@ -456,6 +457,7 @@ class LatencyProxy:
 
     async def _pump_up(self, conn: _Conn) -> str:
         reader, writer = conn.creader, conn.uwriter
+        assert writer is not None  # the pumps start only once upstream is connected
         try:
             while True:
                 data = await reader.read(READ_SIZE)
@@ -475,6 +477,7 @@ class LatencyProxy:
 
     async def _pump_down(self, conn: _Conn) -> str:
         reader, loop = conn.ureader, asyncio.get_running_loop()
+        assert reader is not None  # the pumps start only once upstream is connected
         try:
             while True:
                 data = await reader.read(READ_SIZE)
@@ -539,6 +542,8 @@ class LatencyProxy:
         conn.fault_fired = True
         self.faults_injected += 1
         kind = conn.fault
+        uwriter = conn.uwriter
+        assert uwriter is not None  # faults fire from _pump_down, after upstream connected
         log.info("conn %d: injecting %s after %d response bytes", conn.cid, kind, conn.resp_pos)
         if kind == "reset":
             sock = conn.cwriter.get_extra_info("socket")
@@ -549,11 +554,11 @@ class LatencyProxy:
                 except OSError:
                     pass
             conn.cwriter.transport.abort()
-            conn.uwriter.transport.abort()
+            uwriter.transport.abort()
         else:
             await _close(conn.cwriter, True)
             # The upstream still holds the rest of the body; never reuse that connection.
-            conn.uwriter.transport.abort()
+            uwriter.transport.abort()
 
     async def _send(self, conn: _Conn, data: bytes, loop: asyncio.AbstractEventLoop) -> None:
         writer = conn.cwriter
@@ -610,7 +615,7 @@ def _parse_rate(text: str) -> Optional[float]:
     try:
         return float(num) * mult
     except ValueError:
-        raise argparse.ArgumentTypeError(f"bad rate {text!r}; use e.g. 500K, 4M, 1G bytes/s")
+        raise argparse.ArgumentTypeError(f"bad rate {text!r}; use e.g. 500K, 4M, 1G bytes/s") from None
 
 
 def _parse_hostport(text: str) -> tuple:
@@ -622,7 +627,7 @@ def _parse_hostport(text: str) -> tuple:
 
 def main(argv: Optional[list] = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m lmcache_s3layer.proxy",
+        prog="python -m lmcache_s3layer.testing.proxy",
         description="TCP proxy adding per-response latency, bandwidth caps and faults "
                     "in front of a local S3 (HTTP/1.1) server.")
     p.add_argument("--upstream", required=True, type=_parse_hostport, help="HOST:PORT of the S3 server")

@@ -24,15 +24,27 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, TextIO
 
-from .checksum import crc32c
-from .errors import FormatError, ObjectNotFound, S3LayerError, StorageError
-from .layout import (FORMAT_VERSION, MAX_POINTER_BYTES, Manifest, Names, Pointer, check_segment_id)
-from .s3 import ObjectInfo, S3Client
-from .segments import SegmentStore
+from lmcache_s3layer.config import fmt_bytes
+from lmcache_s3layer.errors import FormatError, ObjectNotFound, S3LayerError, StorageError
+from lmcache_s3layer.format.checksum import crc32c
+from lmcache_s3layer.format.objects import (
+    MANIFEST_NAME,
+    MAX_POINTER_BYTES,
+    Manifest,
+    Names,
+    Pointer,
+    hash_hex,
+    layer_key_at,
+    manifest_key_at,
+    parse_key,
+    parse_layer_name,
+    segment_dir_at,
+    version_root,
+)
+from lmcache_s3layer.store.client import ObjectInfo, S3Client
+from lmcache_s3layer.store.segments import SegmentStore
 
 log = logging.getLogger(__name__)
-
-_HEX = set("0123456789abcdef")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,11 +64,11 @@ class SegmentInfo:
 
     @property
     def dir(self) -> str:
-        return f"{self.ns_root}/seg/{self.segment_id[:2]}/{self.segment_id}"
+        return segment_dir_at(self.ns_root, self.segment_id)
 
     @property
     def manifest_info(self) -> ObjectInfo | None:
-        return self.objects.get("manifest.json")
+        return self.objects.get(MANIFEST_NAME)
 
     @property
     def has_manifest(self) -> bool:
@@ -64,8 +76,8 @@ class SegmentInfo:
 
     @property
     def layer_objects(self) -> dict[int, ObjectInfo]:
-        return {int(name[1:]): o for name, o in self.objects.items()
-                if name.startswith("L") and name[1:].isdigit()}
+        layers = ((parse_layer_name(name), o) for name, o in self.objects.items())
+        return {layer: o for layer, o in layers if layer is not None}
 
     @property
     def size(self) -> int:
@@ -87,18 +99,18 @@ class SegmentInfo:
         if not self.has_manifest:
             return []
         if self.manifest is None:
-            return [Problem(self.segment_id, None, None, self.dir + "/manifest.json",
+            return [Problem(self.segment_id, None, None, manifest_key_at(self.dir),
                             f"manifest unreadable: {self.manifest_error}")]
         m = self.manifest
         out = []
         if Names(prefix, m.namespace).root != self.ns_root:
-            out.append(Problem(self.segment_id, None, None, self.dir + "/manifest.json",
+            out.append(Problem(self.segment_id, None, None, manifest_key_at(self.dir),
                                "manifest's model/rank/dtype do not match its location"))
             return out
         layers = self.layer_objects
         for layer in range(m.num_layers):
             o = layers.get(layer)
-            key = f"{self.dir}/L{layer:04d}"
+            key = layer_key_at(self.dir, layer)
             if o is None:
                 out.append(Problem(self.segment_id, layer, None, key, "layer object missing"))
             elif o.size != m.layer_bytes:
@@ -168,33 +180,8 @@ class Scan:
         out: dict[str, set[str]] = {}
         for s in self.segments:
             if s.manifest is not None and s.segment_id not in skip:
-                out.setdefault(s.ns_root, set()).update(f"{h & ((1 << 64) - 1):016x}"
-                                                        for h in s.manifest.chunk_hashes)
+                out.setdefault(s.ns_root, set()).update(hash_hex(h) for h in s.manifest.chunk_hashes)
         return out
-
-
-def list_root(prefix: str) -> str:
-    p = prefix.strip("/")
-    return f"{p}/v{FORMAT_VERSION}/" if p else f"v{FORMAT_VERSION}/"
-
-
-def _classify(key: str) -> tuple[str, str, str, str] | None:
-    """("seg", ns_root, segment_id, name) or ("ptr", ns_root, hash_hex, "") or None."""
-    parts = key.split("/")
-    if len(parts) >= 5 and parts[-4] == "seg":
-        sid, name = parts[-2], parts[-1]
-        try:
-            check_segment_id(sid)
-        except FormatError:
-            return None
-        if parts[-3] == sid[:2] and (name == "manifest.json" or (name[:1] == "L" and name[1:].isdigit())):
-            return "seg", "/".join(parts[:-4]), sid, name
-        return None
-    if len(parts) >= 4 and parts[-3] == "ptr":
-        h = parts[-1]
-        if len(h) == 16 and set(h) <= _HEX and len(parts[-2]) == 2 and set(parts[-2]) <= _HEX:
-            return "ptr", "/".join(parts[:-3]), h, ""
-    return None
 
 
 def scan(store: SegmentStore, *, jobs: int = 8, read_manifests: bool = True) -> Scan:
@@ -202,24 +189,25 @@ def scan(store: SegmentStore, *, jobs: int = 8, read_manifests: bool = True) -> 
     segs: dict[str, SegmentInfo] = {}
     pointers: list[PointerInfo] = []
     foreign: list[ObjectInfo] = []
-    for info in store.client.list(list_root(store.prefix)):
-        c = _classify(info.key)
+    for info in store.client.list(version_root(store.prefix)):
+        c = parse_key(info.key)
         if c is None:
             foreign.append(info)
-        elif c[0] == "seg":
-            _, root, sid, name = c
-            s = segs.get(f"{root}/{sid}")
+        elif c.kind == "segment":
+            s = segs.get(f"{c.ns_root}/{c.ident}")
             if s is None:
-                s = segs[f"{root}/{sid}"] = SegmentInfo(sid, root)
-            s.objects[name] = info
+                s = segs[f"{c.ns_root}/{c.ident}"] = SegmentInfo(c.ident, c.ns_root)
+            s.objects[c.name] = info
         else:
-            pointers.append(PointerInfo(info.key, c[1], c[2], info))
+            pointers.append(PointerInfo(info.key, c.ns_root, c.ident, info))
     committed = [s for s in segs.values() if s.has_manifest]
     orphans = [s for s in segs.values() if not s.has_manifest]
     if read_manifests and committed:
         def load(s: SegmentInfo) -> None:
+            info = s.manifest_info
+            assert info is not None  # only committed segments are loaded
             try:
-                s.manifest = store.read_manifest_key(s.manifest_info.key)
+                s.manifest = store.read_manifest_key(info.key)
             except FormatError as exc:
                 s.manifest_error = str(exc)
             except ObjectNotFound:
@@ -500,7 +488,7 @@ def plan_gc(sc: Scan, *, older_than_s: float | None = None, max_bytes: int | Non
         if age > orphan_grace_s:
             actions.append(GcAction("orphan_layers", "layer objects without a manifest", d.dir, d.size,
                                     len(d.objects), age, d))
-    doomed = {a.segment.segment_id for a in actions if a.kind == "segment"}
+    doomed = {a.segment.segment_id for a in actions if a.kind == "segment" and a.segment is not None}
     live = sc.live_hashes(exclude=doomed)
     # Pointers of segments deleted above go with their segment (``delete_segment``).
     handled = sc.live_hashes(exclude={s.segment_id for s in sc.segments} - doomed)
@@ -531,8 +519,10 @@ def run_gc(store: SegmentStore, sc: Scan, actions: list[GcAction], kept: list[Se
     def do(a: GcAction) -> None:
         try:
             if a.kind == "segment":
+                assert a.segment is not None  # plan_gc attaches the segment to these kinds
                 _delete_segment(store, a.segment)
             elif a.kind == "orphan_layers":
+                assert a.segment is not None
                 store.client.delete_many(sorted(o.key for o in a.segment.objects.values()))
             else:
                 deleted, note = _delete_orphan_pointer(store, a.key, live_dirs)
@@ -588,12 +578,14 @@ def _delete_orphan_pointer(store: SegmentStore, key: str, live_dirs: set[str]) -
     except FormatError as exc:
         store.client.delete(key)
         return True, f"malformed pointer ({exc})"
-    ns_root = key.rsplit("/ptr/", 1)[0]
+    parsed = parse_key(key)
+    assert parsed is not None  # the key was parsed as a pointer key when scanned
+    ns_root = parsed.ns_root
     sid = p.segment_id
     if f"{ns_root}/{sid}" in live_dirs:
         return False, "kept: names a surviving segment"
     try:
-        store.client.head(f"{ns_root}/seg/{sid[:2]}/{sid}/manifest.json")
+        store.client.head(manifest_key_at(segment_dir_at(ns_root, sid)))
         return False, "kept: its manifest exists (committed after the listing)"
     except ObjectNotFound:
         pass
@@ -645,13 +637,6 @@ def parse_duration(text: str) -> float:
     if num:
         raise ValueError(f"bad duration {text!r}: a number needs a unit (s, m, h, d, w)")
     return total
-
-
-def fmt_bytes(n: float) -> str:
-    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"
 
 
 def fmt_age(seconds: float) -> str:

@@ -22,11 +22,23 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
-from .checksum import crc32c
-from .errors import CorruptObject, FormatError, ObjectNotFound, PreconditionFailed, StorageError
-from .layout import (MAX_MANIFEST_BYTES, MAX_POINTER_BYTES, Manifest, Names, Namespace, Pointer,
-                     normalize_hash, parse_segment_dir)
-from .s3 import S3Client
+from lmcache_s3layer.errors import CorruptObject, FormatError, ObjectNotFound, PreconditionFailed, StorageError
+from lmcache_s3layer.format.checksum import crc32c
+from lmcache_s3layer.format.objects import (
+    DTYPE_SIZES,
+    MAX_MANIFEST_BYTES,
+    MAX_POINTER_BYTES,
+    Manifest,
+    Names,
+    Namespace,
+    Pointer,
+    is_manifest_key,
+    normalize_hash,
+    parse_key,
+    version_root,
+)
+from lmcache_s3layer.store.client import S3Client
+from lmcache_s3layer.store.ranges import split_range
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +152,7 @@ class SegmentStore:
         hashes = tuple(normalize_hash(h) for h in chunk_hashes)
         checksums = []
         manifest = None
-        for layer, buf in enumerate(layers):
+        for buf in layers:
             view = memoryview(buf).cast("B")
             checksums.append(tuple(_chunk_checksums(view, token_shape, chunk_tokens, ns)))
         manifest = Manifest(sid, ns, len(layers), tuple(token_shape), hashes, tuple(chunk_tokens),
@@ -176,13 +188,8 @@ class SegmentStore:
                               f"({manifest.num_layers} layers)")
         start, end = manifest.chunk_byte_range(first, last)
         key = self.names(manifest.namespace).layer_object(manifest.segment_id, layer)
-        parts = []
-        pos = start
-        while pos < end:
-            n = min(part_size, end - pos)
-            parts.append(Part(key, pos, n, pos - start))
-            pos += n
-        return LayerRead(manifest, layer, first, last, tuple(parts))
+        parts = tuple(Part(key, pos, n, pos - start) for pos, n in split_range(start, end - start, part_size))
+        return LayerRead(manifest, layer, first, last, parts)
 
     def fetch_part(self, part: Part, out: memoryview) -> None:
         self.client.get_range_into(part.key, part.offset, out[part.dest:part.dest + part.length])
@@ -236,15 +243,15 @@ class SegmentStore:
 
     def iter_manifest_keys(self, root: str | None = None) -> Iterator[tuple[str, float, int]]:
         """(manifest key, last-modified, size) of every committed segment under ``root``."""
-        for info in self.client.list(root if root is not None else self._root()):
-            if info.key.endswith("/manifest.json") and parse_segment_dir(info.key):
+        for info in self.client.list(root if root is not None else version_root(self.prefix)):
+            if is_manifest_key(info.key):
                 yield info.key, info.last_modified, info.size
 
     def read_manifest_key(self, key: str) -> Manifest:
-        sid = parse_segment_dir(key)
-        if sid is None:
+        parsed = parse_key(key)
+        if parsed is None or not parsed.is_manifest:
             raise FormatError(f"{key!r} is not a segment manifest name")
-        return Manifest.decode(self.client.get_bytes(key, MAX_MANIFEST_BYTES), expect_segment=sid)
+        return Manifest.decode(self.client.get_bytes(key, MAX_MANIFEST_BYTES), expect_segment=parsed.ident)
 
     def delete_segment(self, manifest: Manifest) -> int:
         """Pointers (only those still naming this segment), manifest, then layer objects."""
@@ -271,14 +278,9 @@ class SegmentStore:
             except StorageError as exc:
                 log.warning("could not remove %s while aborting a segment: %s", k, exc)
 
-    def _root(self) -> str:
-        p = self.prefix.strip("/")
-        return f"{p}/" if p else ""
-
 
 def _chunk_checksums(view: memoryview, token_shape: Sequence[int], chunk_tokens: Sequence[int],
                      ns: Namespace) -> list[int]:
-    from .layout import DTYPE_SIZES
     bpt = DTYPE_SIZES[ns.dtype]
     for d in token_shape:
         bpt *= d

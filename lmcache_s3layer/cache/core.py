@@ -17,15 +17,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from .config import S3LayerConfig
-from .errors import CorruptObject, RetrievalFailed, StorageError
-from .index import ChunkIndex, Location
-from .layout import Namespace, normalize_hash
-from .metrics import Metrics
-from .prefetch import Prefetcher, StagingAllocator
-from .s3 import S3Client
-from .segments import SegmentStore
-from .writer import SegmentWriter
+from lmcache_s3layer.cache.index import ChunkIndex, Location
+from lmcache_s3layer.cache.metrics import Metrics
+from lmcache_s3layer.cache.prefetch import Prefetcher, StagingAllocator
+from lmcache_s3layer.cache.writer import SegmentWriter
+from lmcache_s3layer.config import S3LayerConfig
+from lmcache_s3layer.errors import CorruptObject, RetrievalFailed
+from lmcache_s3layer.format.objects import Namespace, normalize_hash
+from lmcache_s3layer.store.client import S3Client
+from lmcache_s3layer.store.ranges import plan_runs
+from lmcache_s3layer.store.segments import SegmentStore
 
 log = logging.getLogger(__name__)
 
@@ -265,23 +266,25 @@ class S3LayerCore:
         locs = self.index.resolve(ns, chunk_hashes)
         shape = tuple(token_shape) if token_shape is not None else None
         hits = 0
+        hit_locs: list[Location] = []  # locs[:hits], known not None
         for loc in locs:
             if loc is None or self._is_bad(loc.manifest.segment_id) or loc.manifest.num_layers != num_layers:
                 break
             if shape is not None and tuple(loc.manifest.token_shape) != shape:
                 break
             hits += 1
+            hit_locs.append(loc)
         do_prefetch = self.cfg.prefetch_on_lookup if prefetch is None else prefetch
         if reserve is None:
             reserve = prefetch is not False
         found = hits
         if pin:
-            for i, (loc, h) in enumerate(zip(locs[:found], chunk_hashes[:found])):
-                if not self._pin_hit(ns, loc, h, num_layers, reserve):
+            for i, (hit, h) in enumerate(zip(hit_locs, chunk_hashes[:found])):
+                if not self._pin_hit(ns, hit, h, num_layers, reserve):
                     hits = i
                     break
                 if do_prefetch:
-                    self.batcher.add(ns, loc, num_layers)
+                    self.batcher.add(ns, hit, num_layers)
         if hits < found:
             log.info("s3layer: %d cached chunk(s) answered as a miss: LMCache's CPU pool could not carry "
                      "their retrieval to the end (%d of %d bytes promised)", found - hits, self.pool.promised,
@@ -371,9 +374,9 @@ class S3LayerCore:
         if self.pool.limited:
             self.pool.touch([(ns, normalize_hash(h)) for h in chunk_hashes])
         out: list[list[memoryview] | None] = [None] * len(locs)
-        from .prefetch import _plan_runs
         n_ok = next((i for i, l in enumerate(locs) if l is None), len(locs))
-        runs = _plan_runs(locs[:n_ok])
+        ok = [loc for loc in locs[:n_ok] if loc is not None]  # the usable prefix, narrowed
+        runs = plan_runs(ok)
         futures = []
         for run in runs:
             for layer in range(run.manifest.num_layers):
@@ -393,12 +396,12 @@ class S3LayerCore:
                 continue
             pos = 0
             for slot in run.slots:
-                n = locs[slot].tokens * run.manifest.bytes_per_token
+                n = ok[slot].tokens * run.manifest.bytes_per_token
                 results.setdefault(slot, {})[layer] = buf[pos:pos + n]
                 pos += n
         for slot in range(failed_at):
             per_layer = results.get(slot, {})
-            if len(per_layer) != locs[slot].manifest.num_layers:
+            if len(per_layer) != ok[slot].manifest.num_layers:
                 break
             out[slot] = [per_layer[l] for l in range(len(per_layer))]
         return out

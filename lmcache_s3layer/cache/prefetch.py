@@ -37,14 +37,15 @@ import logging
 import math
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Callable, Protocol, Sequence
 
-from .errors import CorruptObject, RetrievalFailed, S3LayerError, StorageError
-from .index import Location
-from .layout import Manifest, Namespace
-from .segments import SegmentStore
+from lmcache_s3layer.cache.index import Location
+from lmcache_s3layer.errors import CorruptObject, RetrievalFailed, S3LayerError, StorageError
+from lmcache_s3layer.format.objects import Namespace
+from lmcache_s3layer.store.ranges import plan_runs
+from lmcache_s3layer.store.segments import SegmentStore
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +83,17 @@ def adaptive_depth(layer_bytes: int, ttfb_s: float, bandwidth_bps: float, consum
     return max(1, min(cap, math.ceil(fetch_s / consume_interval_s) + 1))
 
 
-@dataclass
-class _Run:
-    """Consecutive chunks of one segment: one coalesced byte range per layer."""
+class JobState(Enum):
+    """One layer of one retrieval: waiting -> queued -> staged | failed, then taken. Eviction
+    sends a staged layer back to waiting; cancelling a queued one makes it cancelled until its
+    in-flight parts are abandoned (then taken)."""
 
-    manifest: Manifest
-    first: int  # chunk index inside the segment
-    last: int
-    slots: list[int]  # positions in the retrieval's chunk list
+    WAITING = "waiting"  # not admitted: no staging buffers yet
+    QUEUED = "queued"  # admitted: buffers allocated, parts queued or in flight
+    STAGED = "staged"  # every part in and verified
+    FAILED = "failed"
+    TAKEN = "taken"  # handed out (or dropped): buffers no longer ours
+    CANCELLED = "cancelled"
 
 
 @dataclass
@@ -97,7 +101,7 @@ class _LayerJob:
     retrieval: "Retrieval"
     layer: int
     nbytes: int
-    state: str = "waiting"  # waiting -> queued -> staged | failed ; taken ; evicted
+    state: JobState = JobState.WAITING
     handles: list[Any] = field(default_factory=list)
     views: list[memoryview] = field(default_factory=list)
     parts_left: int = 0
@@ -147,7 +151,7 @@ class Retrieval:
         self.deadline: float | None = None
         self.deadline_s = deadline_s
         self.consume_intervals: list[float] = []
-        self.runs = _plan_runs(self.locations)
+        self.runs = plan_runs(self.locations)
         tokens = [loc.tokens for loc in self.locations]
         self.chunk_tokens = tokens
         self.chunk_bytes = [t * loc.manifest.bytes_per_token for t, loc in zip(tokens, self.locations)]
@@ -166,18 +170,6 @@ class Retrieval:
             return None
         recent = self.consume_intervals[-4:]
         return sum(recent) / len(recent)
-
-
-def _plan_runs(locations: Sequence[Location]) -> list[_Run]:
-    runs: list[_Run] = []
-    for slot, loc in enumerate(locations):
-        r = runs[-1] if runs else None
-        if r is not None and r.manifest.segment_id == loc.manifest.segment_id and loc.index == r.last + 1:
-            r.last = loc.index
-            r.slots.append(slot)
-        else:
-            runs.append(_Run(loc.manifest, loc.index, loc.index, [slot]))
-    return runs
 
 
 @dataclass
@@ -321,7 +313,7 @@ class Prefetcher:
                     r = self._start_locked(ns, [locations[i] for i in missing], num_layers, layer, "retrieve")
                     for k, i in enumerate(missing):
                         picks[i] = (r, k)
-                involved = list({id(p[0]): p[0] for p in picks}.values())
+                involved = list({id(p[0]): p[0] for p in picks if p is not None}.values())
                 for r in involved:
                     if r.deadline is None:
                         r.deadline = now + r.deadline_s
@@ -331,23 +323,24 @@ class Prefetcher:
                     r.last_take = now
                 self._set_wait_jobs_locked(wait, [r.jobs[layer] for r in involved])
                 if deadline is None:
-                    deadline = min(r.deadline for r in involved)
+                    deadline = min(r.deadline for r in involved if r.deadline is not None)
                     if timeout is not None:
                         deadline = min(deadline, now + timeout)
             jobs = wait.jobs
-            failed = next((j for j in jobs if j.state == "failed"), None)
+            failed = next((j for j in jobs if j.state == JobState.FAILED), None)
             if failed is not None:
                 err = failed.error
                 for r in involved:
                     self._cancel_locked(r)
                 self._admit_locked()
                 raise RetrievalFailed(f"layer {layer}: {err}") from err
-            if all(j.state == "staged" for j in jobs):
+            if all(j.state == JobState.STAGED for j in jobs):
                 break
-            if any(j.state == "waiting" for j in jobs):
+            if any(j.state == JobState.WAITING for j in jobs):
                 # Memory freed by a release or a cancellation elsewhere is noticed here too,
                 # not only when some fetch completes.
                 self._admit_locked()
+            assert deadline is not None  # set on the first pass: every pick starts out stale
             left = deadline - self.clock()
             if left <= 0 or self._closed:
                 for r in involved:
@@ -362,7 +355,9 @@ class Prefetcher:
         wait.picks = []  # from here on this consumer is not one of the others
         wanted = self._wanted_locked(layer)
         out = []
-        for r, slot in picks:
+        for p in picks:
+            assert p is not None  # every stale pick was refilled above
+            r, slot = p
             job = r.jobs[layer]
             out.append(job.handles[slot])
             job.handles[slot] = None
@@ -413,7 +408,7 @@ class Prefetcher:
 
     def _maybe_retire_locked(self, job: _LayerJob) -> None:
         """Retire a layer handed out in part once nobody waits on it nor will take the rest."""
-        if job.state != "staged" or not job.takes or job.waiters > 0:
+        if job.state != JobState.STAGED or not job.takes or job.waiters > 0:
             return
         wanted = self._wanted_locked(job.layer)
         if any(h is not None and self._awaited_locked(job, s, wanted) for s, h in enumerate(job.handles)):
@@ -486,8 +481,8 @@ class Prefetcher:
     def _serves_locked(self, pick: tuple[Retrieval, int], layer: int) -> bool:
         r, slot = pick
         job = r.jobs.get(layer)
-        return (not r.cancelled and job is not None and job.state != "taken"
-                and (job.state != "staged" or job.handles[slot] is not None))
+        return (not r.cancelled and job is not None and job.state != JobState.TAKEN
+                and (job.state != JobState.STAGED or job.handles[slot] is not None))
 
     def _held_locked(self, ns, loc: Location, layer: int) -> bool:
         return self._holder_locked(ns, loc, layer) is not None
@@ -511,7 +506,7 @@ class Prefetcher:
         #    what younger waits hold (see the module docstring: no hold-and-wait stall).
         preempt = True
         for wait in list(self._waits.values()):
-            pending = [j for j in wait.jobs if j.state == "waiting" and not j.retrieval.cancelled]
+            pending = [j for j in wait.jobs if j.state == JobState.WAITING and not j.retrieval.cancelled]
             if not pending:
                 continue
             for job in pending:
@@ -528,14 +523,14 @@ class Prefetcher:
             k = adaptive_depth(r.layer_bytes, self._ttfb, self._bw, r.consume_interval, r.num_layers,
                                self.max_depth)
             for layer in range(base, min(r.num_layers, base + k)):
-                job = r.jobs.get(layer)
-                if job is None or job.state != "waiting":
+                ahead = r.jobs.get(layer)
+                if ahead is None or ahead.state != JobState.WAITING:
                     continue
-                if self._staged_bytes + job.nbytes > self.budget and self._staged_bytes > 0:
+                if self._staged_bytes + ahead.nbytes > self.budget and self._staged_bytes > 0:
                     return
-                if not self._allocate_locked(job):
+                if not self._allocate_locked(ahead):
                     return
-                self._enqueue_locked(job)
+                self._enqueue_locked(ahead)
 
     def _fits_locked(self, nbytes: int, wait: _Wait, preempt: bool) -> bool:
         """Room for one more part of ``wait``'s layer, evicting for it if need be."""
@@ -556,32 +551,33 @@ class Prefetcher:
             return r.taken_upto + 1
 
         idle = [j for r in self._retrievals.values() if not r.cancelled
-                for j in r.jobs.values() if j.state == "staged" and j.waiters == 0]
+                for j in r.jobs.values() if j.state == JobState.STAGED and j.waiters == 0]
         idle.sort(key=lambda j: (j.layer == head(j.retrieval), -j.retrieval.id, -j.layer))
         held: list[_LayerJob] = []
         if preempt:
             # Not the parts of older waits, nor of complete ones: their consumers are about to
             # take them, which frees the memory without a refetch.
             kept = {id(j) for w in self._waits.values()
-                    if w.seq <= wait.seq or all(j.state == "staged" for j in w.jobs) for j in w.jobs}
+                    if w.seq <= wait.seq or all(j.state == JobState.STAGED for j in w.jobs) for j in w.jobs}
             for w in reversed(list(self._waits.values())):
                 if w.seq <= wait.seq:
                     break
-                held += [j for j in w.jobs if j.state == "staged" and id(j) not in kept]
+                held += [j for j in w.jobs if j.state == JobState.STAGED and id(j) not in kept]
         for job in idle + held:
             if self._staged_bytes + nbytes <= self.budget:
                 return
-            if job.state != "staged":  # already evicted: shared by two younger waits
+            if job.state != JobState.STAGED:  # already evicted: shared by two younger waits
                 continue
             self._release_job_locked(job)
-            job.state = "waiting"
+            job.state = JobState.WAITING
             job.generation += 1
             self.stats.layers_evicted += 1
             self._trace(job, "evicted")
 
     def _allocate_locked(self, job: _LayerJob) -> bool:
         r = job.retrieval
-        handles, views = [], []
+        handles: list[Any] = []
+        views: list[memoryview] = []
         for tokens, nbytes in zip(r.chunk_tokens, r.chunk_bytes):
             try:
                 got = self.allocator.allocate(tokens, nbytes)
@@ -591,7 +587,7 @@ class Prefetcher:
                 # error escape into a worker thread or the admission loop.
                 for h in handles:
                     self.allocator.release(h)
-                job.state, job.error = "failed", exc
+                job.state, job.error = JobState.FAILED, exc
                 self.stats.layers_failed += 1
                 self._cv.notify_all()
                 return False
@@ -608,7 +604,7 @@ class Prefetcher:
 
     def _enqueue_locked(self, job: _LayerJob) -> None:
         r = job.retrieval
-        job.state = "queued"
+        job.state = JobState.QUEUED
         job.attempts += 1
         job.t_admit = self.clock()
         self._trace(job, "admit")
@@ -643,16 +639,16 @@ class Prefetcher:
         job = r.jobs[layer]
         # Handles handed out now belong to the caller; chunks of this retrieval the caller did
         # not ask for are released.
-        for i, h in enumerate(job.handles):
+        for h in job.handles:
             if h is not None:
                 self.allocator.release(h)
         if job.handles:
             self._staged_bytes -= job.nbytes
         job.handles, job.views = [], []
-        job.state = "taken"
+        job.state = JobState.TAKEN
         self.stats.layers_taken += 1
         self._trace(job, "taken")
-        if all(j.state == "taken" for j in r.jobs.values()):
+        if all(j.state == JobState.TAKEN for j in r.jobs.values()):
             self._finish_locked(r)
         self._cv.notify_all()
 
@@ -662,17 +658,17 @@ class Prefetcher:
         r.cancelled = True
         self.stats.cancelled += 1
         for job in r.jobs.values():
-            if job.state in ("staged", "waiting"):
+            if job.state in (JobState.STAGED, JobState.WAITING):
                 self._release_job_locked(job)
-            elif job.state == "queued":
+            elif job.state == JobState.QUEUED:
                 job.generation += 1  # in-flight parts finish into buffers released on arrival
-                job.state = "cancelled"
+                job.state = JobState.CANCELLED
         self._finish_locked(r)
         self._cv.notify_all()
 
     def _finish_locked(self, r: Retrieval) -> None:
         self._retrievals.pop(r.id, None)
-        for slot, h in enumerate(r.hashes):
+        for h in r.hashes:
             lst = self._holders.get((r.ns, h))
             if lst:
                 lst[:] = [(x, s) for x, s in lst if x is not r]
@@ -729,11 +725,11 @@ class Prefetcher:
 
     def _part_abandoned_locked(self, job: _LayerJob) -> None:
         """A part of an evicted/cancelled attempt landed: free its buffers once all have."""
-        if job.state == "cancelled":
+        if job.state == JobState.CANCELLED:
             job.parts_left -= 1
             if job.parts_left <= 0:
                 self._release_job_locked(job)
-                job.state = "taken"
+                job.state = JobState.TAKEN
                 self._cv.notify_all()
 
     def _verify(self, job: _LayerJob) -> Exception | None:
@@ -752,7 +748,7 @@ class Prefetcher:
         r = job.retrieval
         job.t_done = self.clock()
         if error is None:
-            job.state = "staged"
+            job.state = JobState.STAGED
             self.stats.layers_staged += 1
             self._trace(job, "staged")
             if self._on_layer_fetched:
@@ -766,7 +762,7 @@ class Prefetcher:
             self._enqueue_locked(job)
             return
         else:
-            job.state = "failed"
+            job.state = JobState.FAILED
             job.error = error
             self.stats.layers_failed += 1
             self._trace(job, "failed")

@@ -35,12 +35,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from .checksum import crc32c
-from .config import S3LayerConfig
-from .errors import PreconditionFailed, S3LayerError
-from .index import ChunkIndex
-from .layout import Manifest, Namespace, normalize_hash, split_runs_into_segments
-from .segments import SegmentStore, new_segment_id
+from lmcache_s3layer.cache.index import ChunkIndex
+from lmcache_s3layer.config import S3LayerConfig
+from lmcache_s3layer.errors import PreconditionFailed, S3LayerError
+from lmcache_s3layer.format.checksum import crc32c
+from lmcache_s3layer.format.objects import Manifest, Namespace, normalize_hash
+from lmcache_s3layer.store.ranges import split_runs_into_segments
+from lmcache_s3layer.store.segments import SegmentStore, new_segment_id
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,7 @@ class SegmentWriter:
             if not accept:
                 release()
                 return False
+            assert st is not None  # accepted implies a live store
             st.layers_seen.add(layer)
             st.last_activity = time.monotonic()
             self._inflight_bytes += nbytes
@@ -293,7 +295,7 @@ class SegmentWriter:
     def _fail_store(self, st: _Store) -> None:
         with self._lock:
             planned = st.segments is not None
-            if not planned:  # the plan itself failed: no segment exists to clean up
+            if st.segments is None:  # the plan itself failed: no segment exists to clean up
                 st.segments = []
                 self._unpend_locked(st.ns, [st.hashes[i] for i in st.candidates])
                 self.stats.stores_failed += 1
