@@ -140,6 +140,9 @@ def test_store_engine_computes_and_commits_to_s3(runs, s3_boto_client, e2e_bucke
     assert keys, "the store engine wrote no object"
     assert "KV connector in this worker: CPULayerwiseConnector" in runs["store"]["log"], \
         "our CPU layerwise connector was not used"
+    # The suite runs vLLM's workers with the GPU-like deferred copies (conftest).
+    for run in ("store", "load"):
+        assert "copies: deferred" in runs[run]["log"], run
 
 
 def test_fresh_engine_loads_prefix_from_s3(runs):

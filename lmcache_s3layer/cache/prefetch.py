@@ -637,14 +637,9 @@ class Prefetcher:
 
     def _retire_layer_locked(self, r: Retrieval, layer: int) -> None:
         job = r.jobs[layer]
-        # Handles handed out now belong to the caller; chunks of this retrieval the caller did
-        # not ask for are released.
-        for h in job.handles:
-            if h is not None:
-                self.allocator.release(h)
-        if job.handles:
-            self._staged_bytes -= job.nbytes
-        job.handles, job.views = [], []
+        # Handles handed out now belong to the caller (their slots are None); chunks of this
+        # retrieval the caller did not ask for are released.
+        self._release_job_locked(job)
         job.state = JobState.TAKEN
         self.stats.layers_taken += 1
         self._trace(job, "taken")

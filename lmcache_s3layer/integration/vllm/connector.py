@@ -212,8 +212,10 @@ class S3LayerConnectorV1(LMCacheConnectorV1):
             logger.warning("s3layer: LMCache has no KV connector in this worker: it will recompute, "
                            "never load or store (on CPU: is the CPU connector switched off?)")
         else:
-            logger.info("s3layer: LMCache KV connector in this worker: %s (layerwise: %s)",
-                        type(conn).__name__, compat.adapter_uses_layerwise(impl))
+            # copy_mode: our CPU connector's "immediate" or GPU-like "deferred" copies
+            logger.info("s3layer: LMCache KV connector in this worker: %s (layerwise: %s, copies: %s)",
+                        type(conn).__name__, compat.adapter_uses_layerwise(impl),
+                        getattr(conn, "copy_mode", "device streams"))
 
     def bind_connector_metadata(self, connector_metadata: Any) -> None:
         super().bind_connector_metadata(connector_metadata)
