@@ -57,13 +57,13 @@ def main() -> int:
         dt = time.perf_counter() - t0
         total = sum(len(b) for b in layers)
         print(f"wrote segment {m.segment_id}: {LAYERS} layer objects of {m.layer_bytes >> 20} MiB "
-              f"({args.chunks} chunks x {CHUNK} tokens), manifest, {len(hashes)} pointers "
+              f"({args.chunks} chunks x {CHUNK} tokens), manifest, 1 pointer (its first chunk) "
               f"= {client.stats.puts} PUTs, {total / dt / 2**20:.0f} MiB/s")
         print(f"  per-(chunk, layer) objects would have been {LAYERS * args.chunks} PUTs")
 
-        ptr = store.read_pointer(ns, hashes[2])
+        ptr = store.read_pointer(ns, hashes[0])
         m2 = store.read_manifest(ns, ptr.segment_id)
-        print(f"pointer of chunk 2 -> segment {ptr.segment_id[:8]}..., position {ptr.index}; manifest verified")
+        print(f"pointer of chunk 0 -> segment {ptr.segment_id[:8]}... ({ptr.chunks} chunks); manifest verified")
 
         gets0, t0 = client.stats.gets, time.perf_counter()
         for layer in range(LAYERS):
@@ -85,7 +85,7 @@ def main() -> int:
         except CorruptObject as exc:
             print(f"flipped one bit in layer 7 -> {type(exc).__name__}: {exc}; no data returned")
         store.delete_segment(m2)
-        print("deleted the segment (pointers, then manifest, then layers)")
+        print("deleted the segment (pointer, then manifest, then layers)")
         return 0
     finally:
         if server is not None:

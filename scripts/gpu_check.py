@@ -664,7 +664,10 @@ def locate_segments(ctx: Ctx, engine, req: Req) -> list[str]:
     segs: list[str] = []
     for _, _, key in engine.token_database.process_tokens(tokens=req.ids[:req.prefix].cpu()):
         names = Names(ctx.key_prefix, backend._ns(key))
-        body = ctx.s3.get_object(Bucket=ctx.bucket, Key=names.pointer_object(key.chunk_hash))["Body"].read()
+        try:
+            body = ctx.s3.get_object(Bucket=ctx.bucket, Key=names.pointer_object(key.chunk_hash))["Body"].read()
+        except ctx.s3.exceptions.NoSuchKey:
+            continue  # format v2: only a segment's first chunk has a pointer
         seg = Pointer.decode(body).segment_id
         if seg not in segs:
             segs.append(seg)

@@ -61,10 +61,10 @@ def test_plan_json_for_llama_8b_at_one_mebitoken_matches_hand_arithmetic():
     assert out["kv_bytes"] == P * L * bpt == 2**20 * 2**5 * 2**12 == 128 * 2**30
 
     # Objects: 2^20 / 256 = 4096 chunks -> 4096 / 64 = 64 segments; each segment has 32 layer
-    # objects and a manifest, and each chunk a pointer: 64*32 + 64 + 4096 = 6208 PUTs.
+    # objects, a manifest and a pointer at its first chunk: 64*32 + 64 + 64 = 2176 PUTs.
     chunks, segments = P // 256, P // 256 // 64
     assert (chunks, segments) == (4096, 64)
-    assert out["put_requests"] == segments * L + segments + chunks == 6208
+    assert out["put_requests"] == segments * L + segments + segments == 2176
     # A layer object is 64 chunks x 256 tokens x 4 KiB = 64 MiB = 8 ranged GETs of 8 MiB;
     # a cold index also reads one pointer per chunk and one manifest per segment.
     assert out["get_requests_data"] == segments * L * (64 * 256 * bpt // (8 * 2**20)) == 16384
@@ -100,7 +100,7 @@ def test_plan_json_for_llama_8b_at_one_mebitoken_matches_hand_arithmetic():
 
     # Money at S3 Standard: $0.005 per 1,000 PUTs, $0.0004 per 1,000 GETs, $0.023/GB-month
     # with AWS's GB = 2^30 bytes.
-    assert out["usd_per_store"] == pytest.approx(6208 * 0.005 / 1000, rel=1e-12)  # $0.031
+    assert out["usd_per_store"] == pytest.approx(2176 * 0.005 / 1000, rel=1e-12)  # $0.011
     assert out["usd_per_load"] == pytest.approx(20544 * 0.0004 / 1000, rel=1e-12)
     assert out["usd_per_month"] == pytest.approx(128 * 0.023, rel=1e-12)
 
@@ -197,7 +197,7 @@ def test_inspect_verify_and_gc_through_the_console_script(s3_endpoint, bucket, s
 
     proc = cmd("gc", "--older-than", "0s", "--dry-run")
     assert proc.returncode == 0 and f"would delete segment {m.segment_id}" in proc.stdout
-    assert len(s3_boto_client.list_objects_v2(Bucket=bucket)["Contents"]) == 4 + 1 + 3  # untouched
+    assert len(s3_boto_client.list_objects_v2(Bucket=bucket)["Contents"]) == 4 + 1 + 1  # untouched
 
     proc = cmd("gc", "--older-than", "0s", "--json")
     assert proc.returncode == 0, proc.stderr

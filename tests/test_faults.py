@@ -32,7 +32,7 @@ import pytest
 import torch
 from faultinject import HttpFaults, ObjectFaults
 
-from lmcache_s3layer.format.objects import is_manifest_key, parse_key
+from lmcache_s3layer.format.objects import hash_hex, is_manifest_key, parse_key
 from lmcache_s3layer.testing.engine import (
     LAYOUT_FLASH_ATTN,
     KVSpec,
@@ -177,17 +177,36 @@ def segment_keys(admin, bucket: str, prefix: str = "faults/") -> dict[str, dict]
     return out
 
 
-def pointer_key(engine, tokens, chunk: int) -> str:
+def pointer_key(engine, admin, bucket, tokens, chunk: int) -> str:
+    """The pointer that finds chunk ``chunk``. Format v2 has one per segment, at its first
+    chunk, so walk back to the nearest chunk with a pointer whose manifest lists ``chunk`` (or
+    cannot be read: damaged by an earlier fault, most likely still its segment's); the chunk's
+    own pointer key when there is none (a pointer fault on it then has nothing to damage)."""
+    import json
     b = backend_of(engine)
-    _, _, key = list(engine.token_database.process_tokens(tokens=tokens))[chunk]
-    return b.core.store.names(b._ns(key)).pointer_object(key.chunk_hash)
+    keys = [k for _, _, k in engine.token_database.process_tokens(tokens=tokens)]
+    names = b.core.store.names(b._ns(keys[0]))
+    want = hash_hex(keys[chunk].chunk_hash)
+    for k in range(chunk, -1, -1):
+        pkey = names.pointer_object(keys[k].chunk_hash)
+        sid = chunk_segment(admin, bucket, pkey)
+        if sid is None:
+            continue
+        try:
+            doc = json.loads(admin.get_object(Bucket=bucket, Key=names.manifest_object(sid))["Body"].read())
+            listed = want in doc["chunk_hashes"]
+        except Exception:  # noqa: BLE001 - deleted/malformed by an earlier fault
+            listed = True
+        if listed:
+            return pkey
+    return names.pointer_object(keys[chunk].chunk_hash)
 
 
 def chunk_segment(admin, bucket, pkey) -> str | None:
     import json
     try:
         return json.loads(admin.get_object(Bucket=bucket, Key=pkey)["Body"].read())["segment_id"]
-    except Exception:  # noqa: BLE001 - already deleted/malformed by an earlier fault
+    except Exception:  # noqa: BLE001 - already deleted/malformed by an earlier fault, or no pointer
         return None
 
 
@@ -195,7 +214,7 @@ def apply_object_fault(kind: str, obj: ObjectFaults, admin, bucket: str, engine,
                        rng: random.Random) -> int | None:
     """Damage the objects behind chunk ``c`` of ``p``; returns ``c`` (None when nothing to damage)."""
     c = rng.randrange(TOKENS // SPEC.chunk_size)
-    pkey = pointer_key(engine, p.tokens, c)
+    pkey = pointer_key(engine, admin, bucket, p.tokens, c)
     sid = chunk_segment(admin, bucket, pkey)
     seg = segment_keys(admin, bucket).get(sid) if sid else None
     try:

@@ -1,4 +1,4 @@
-"""Format v1: names, manifest and pointer round trips, and strict parsing of hostile input."""
+"""Format v2: names, manifest and pointer round trips, and strict parsing of hostile input."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_names_are_layer_major_and_inside_prefix():
     names = Names("team/kv", NS)
     assert names.layer_object(SID, 3) == f"{names.root}/seg/01/{SID}/L0003"
     assert names.manifest_object(SID).endswith(f"/seg/01/{SID}/manifest.json")
-    assert names.root.startswith("team/kv/v1/")
+    assert names.root.startswith("team/kv/v2/")
     assert "meta-llama/" not in names.root  # the model's '/' does not create directories
     assert parse_segment_dir(names.layer_object(SID, 0)) == SID
     p = names.pointer_object(-0x41257AF1DD85C366)
@@ -63,7 +63,7 @@ def test_object_names_never_escape_prefix(model, world, h):
     ns = Namespace(model, world, world - 1, "half")
     names = Names("safe/prefix", ns)
     for key in (names.layer_object(SID, 7), names.manifest_object(SID), names.pointer_object(h)):
-        assert key.startswith("safe/prefix/v1/")
+        assert key.startswith("safe/prefix/v2/")
         assert ".." not in key.split("/")
         assert "//" not in key
 
@@ -88,10 +88,48 @@ def test_manifest_round_trip(n_chunks, n_layers, data):
         assert 0 <= lo < hi <= back.layer_bytes
 
 
-@given(hashes64, st.integers(0, 4095), st.integers(1, 4096))
-def test_pointer_round_trip(h, idx, tokens):
-    p = Pointer(h, SID, idx, tokens)
+@given(hashes64, st.integers(1, 4096))
+def test_pointer_round_trip(h, chunks):
+    p = Pointer(h, SID, chunks)
     assert Pointer.decode(p.encode(), expect_hash=h) == p
+
+
+def test_pointer_names_the_first_chunk_of_its_manifest():
+    m = make_manifest()
+    p = Pointer.of(m)
+    assert (p.chunk_hash, p.segment_id, p.chunks) == (m.chunk_hashes[0], SID, 3)
+
+
+def _pointer_doc(**changes):
+    d = json.loads(Pointer(7, SID, 3).encode())
+    d.update(changes)
+    return json.dumps({k: v for k, v in d.items() if v is not _DROP}).encode()
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize("data", [
+    # a format v1 pointer (a position and a token count, no chunk count): never read as v2
+    json.dumps({"format": "lmcache-s3layer/pointer", "version": 1, "chunk_hash": f"{7:016x}",
+                "segment_id": SID, "index": 0, "tokens": 256}).encode(),
+    _pointer_doc(version=1), _pointer_doc(version=2.0), _pointer_doc(version=True), _pointer_doc(version=_DROP),
+    _pointer_doc(chunks=0), _pointer_doc(chunks=4097), _pointer_doc(chunks=2.0), _pointer_doc(chunks=True),
+    _pointer_doc(chunks=_DROP), _pointer_doc(index=0), _pointer_doc(format="other"),
+    _pointer_doc(segment_id="../x"), _pointer_doc(chunk_hash="7"),
+])
+def test_malformed_pointers_are_typed_errors(data):
+    with pytest.raises(FormatError):
+        Pointer.decode(data)
+
+
+def test_version_roots():
+    from lmcache_s3layer.format.objects import FORMAT_VERSION, LEGACY_VERSIONS, version_root
+    assert FORMAT_VERSION == 2 and LEGACY_VERSIONS == (1,)
+    assert version_root("a/b/") == "a/b/v2/" and version_root("") == "v2/"
+    assert version_root("a", 1) == "a/v1/"
+    with pytest.raises(FormatError):
+        version_root("a", 3)
 
 
 def test_hash_normalisation_matches_storage():
@@ -117,7 +155,7 @@ def _mutate(doc, **changes):
 
 @pytest.mark.parametrize("data", [
     b"", b"{", b"[]", b"null", b"\xff\xfe", b"[" * 100000 + b"]" * 100000,
-    _mutate(None, version=2), _mutate(None, version=True), _mutate(None, format="other"),
+    _mutate(None, version=1), _mutate(None, version=2.0), _mutate(None, version=True), _mutate(None, format="other"),
     _mutate(None, num_layers=0), _mutate(None, num_layers=10**9), _mutate(None, num_layers=4.0),
     _mutate(None, chunk_tokens=[256, 256, -1]), _mutate(None, chunk_tokens=[256, 256]),
     _mutate(None, chunk_offsets=[0, 1, 2]), _mutate(None, layer_bytes=1 << 50),

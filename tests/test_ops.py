@@ -210,14 +210,15 @@ def test_gc_by_age_deletes_only_old_segments_pointers_then_manifest_then_layers(
     assert [a.segment.segment_id for a in rep.actions] == [old.segment_id] and rep.actions[0].done
     names = store.names(NS)
     deletes = [k for op, k in log if op == "delete"]
-    assert deletes == [names.pointer_object(1), names.pointer_object(2), names.manifest_object(old.segment_id),
+    # format v2: one pointer per segment, at its first chunk
+    assert deletes == [names.pointer_object(1), names.manifest_object(old.segment_id),
                        names.layer_object(old.segment_id, 0)]  # the last is one batch of all layers
     assert not any(old.segment_id in k for k in keys(store))
     assert store.read_pointer(NS, 1) is None
     left = ops.scan(store)
     assert [s.segment_id for s in left.segments] == [young.segment_id, new.segment_id]
-    assert left.orphan_dirs == [] and left.pointers and all(
-        p.hash_hex in {f"{h:016x}" for h in (3, 4, 5)} for p in left.pointers)
+    assert left.orphan_dirs == [] and sorted(p.hash_hex for p in left.pointers) == [f"{h:016x}" for h in (3, 5)]
+    assert {p.segment_id for p in left.pointers} == {young.segment_id, new.segment_id}
 
 
 def test_gc_by_capacity_deletes_oldest_first_until_under_budget(store, run_cli):
@@ -431,3 +432,78 @@ def test_server_subcommand_wraps_the_launcher(tmp_path, capsys):
     assert "stopped" in capsys.readouterr().out
     assert cli.main(["server", "start", "--help"]) == 0
     assert "--detach" in capsys.readouterr().out
+
+
+# ---- format v2: unreferenced segments, legacy format v1 ---------------------------------------
+
+
+def test_a_segment_no_pointer_names_is_reported_and_collected_after_the_grace(store, run_cli, s3_boto_client,
+                                                                             bucket):
+    """A committed segment whose start pointer is missing (a pointer PUT that failed) or names
+    another segment (a race loser whose clean-up failed) cannot be found by any other instance."""
+    kept, _ = write(store, [1, 2], n_layers=2)
+    lost, _ = write(store, [5, 6], n_layers=2)
+    s3_boto_client.delete_object(Bucket=bucket, Key=store.names(NS).pointer_object(5))
+    code, out, _ = run_cli("inspect")
+    assert code == 0 and "1 segment(s) no pointer names" in out
+    code, out, _ = run_cli("inspect", "--json")
+    assert json.loads(out)["orphans"]["unreferenced_segments"] == [lost.segment_id]
+    assert ops.gc(store).actions == []  # within the grace: a commit between manifest and pointer
+    rep = ops.gc(store, now=time.time() + 2 * 3600)
+    assert [(a.kind, a.segment.segment_id, a.done) for a in rep.actions] == [("segment", lost.segment_id, True)]
+    assert "unreferenced" in rep.actions[0].reason
+    assert [s.segment_id for s in ops.scan(store).segments] == [kept.segment_id]
+    assert store.read_pointer(NS, 1).segment_id == kept.segment_id
+
+
+def put_legacy_v1(s3_boto_client, bucket, ns=NS):
+    """Objects as format v1 laid them out: a segment (layers, manifest) and a pointer per chunk,
+    under <prefix>/v1/. Their contents do not matter to inspect and gc."""
+    root = version_root(PREFIX, 1) + ns.path()
+    sid = "ab" * 16
+    seg = f"{root}/seg/{sid[:2]}/{sid}"
+    keys_ = [f"{seg}/L0000", f"{seg}/L0001", f"{seg}/manifest.json",
+             f"{root}/ptr/3a/{1:016x}", f"{root}/ptr/7f/{2:016x}"]
+    for k in keys_:
+        body = json.dumps({"format": "lmcache-s3layer/pointer", "version": 1, "chunk_hash": k[-16:],
+                           "segment_id": sid, "index": 0, "tokens": 32}).encode() if "/ptr/" in k else b"x" * 100
+        s3_boto_client.put_object(Bucket=bucket, Key=k, Body=body)
+    foreign = version_root(PREFIX, 1) + "NOTES.txt"
+    s3_boto_client.put_object(Bucket=bucket, Key=foreign, Body=b"not ours")
+    return keys_, foreign
+
+
+def test_legacy_v1_objects_are_reported_by_inspect_and_deleted_only_by_gc_legacy(store, run_cli, s3_boto_client,
+                                                                                 bucket):
+    live, _ = write(store, [1, 2], n_layers=2)
+    legacy, foreign = put_legacy_v1(s3_boto_client, bucket)
+    code, out, _ = run_cli("inspect")
+    assert code == 0 and "1 segment(s)" in out
+    assert "legacy format v1: 6 object(s)" in out and "(1 segment(s), 2 pointer(s))" in out
+    assert "never read by this version" in out and "gc --legacy" in out
+    code, out, _ = run_cli("inspect", "--json")
+    doc = json.loads(out)
+    v1_bytes = sum(o.size for o in store.client.list(version_root(PREFIX, 1)))
+    assert doc["legacy"] == [{"version": 1, "root": version_root(PREFIX, 1), "objects": 6, "bytes": v1_bytes,
+                              "segments": 1, "layer_objects": 2, "pointers": 2, "other": 1}]
+    assert [d["segment_id"] for d in doc["segments"]] == [live.segment_id]  # v1 is not a v2 segment
+
+    # Without --legacy gc leaves them (an engine of the old version may still use them), and says so.
+    code, out, _ = run_cli("gc", "--older-than", "0s", "--dry-run")
+    assert code == 0 and "left 6 legacy format v1 object(s)" in out and "gc --legacy" in out
+    code, out, _ = run_cli("gc", "--orphan-grace", "0s")
+    assert code == 0 and "legacy" in out and all(k in keys(store) for k in legacy)
+    code, out, _ = run_cli("gc", "--legacy", "--dry-run")
+    assert code == 0 and "would delete 5 legacy format v1 object(s)" in out and all(k in keys(store) for k in legacy)
+
+    log = record_ops(store)
+    rep = ops.gc(store, legacy=True)
+    summary = rep.to_json()["summary"]
+    assert summary["legacy_objects"] == 5 and summary["segments"] == 0 and summary["legacy_kept_objects"] == 0
+    assert [(a.kind, a.done) for a in rep.actions] == [("legacy", True)]
+    left = keys(store)
+    assert not any(k in left for k in legacy) and foreign in left  # not a v1 object name: left alone
+    assert store.read_pointer(NS, 1).segment_id == live.segment_id  # v2 untouched
+    # pointers, then manifests, then layer objects (each one batch), as old readers expect
+    batches = [k for op, k in log if op == "delete"]
+    assert ["/ptr/" in batches[0], batches[1].endswith("manifest.json"), "/L000" in batches[2]] == [True] * 3

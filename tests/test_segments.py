@@ -60,9 +60,9 @@ def test_round_trip_32_layers_and_every_subrange(store):
 def test_pointers_resolve(store):
     tokens = [16, 16]
     m = store.write_segment(NS, [101, 102], tokens, (2, HIDDEN), make_layers(2, tokens))
-    for i, h in enumerate([101, 102]):
-        p = store.read_pointer(NS, h)
-        assert p.segment_id == m.segment_id and p.index == i
+    p = store.read_pointer(NS, 101)
+    assert p.segment_id == m.segment_id and p.chunks == 2
+    assert store.read_pointer(NS, 102) is None  # format v2: only the segment's first chunk has one
     assert store.read_pointer(NS, 999) is None
     with ThreadPoolExecutor(4) as pool:
         idx = ChunkIndex(store, pool=pool)
@@ -104,7 +104,7 @@ def test_commit_race_leaves_one_segment(store):
         store.write_segment(NS, [7, 8], tokens, (2, HIDDEN), make_layers(2, tokens, 2))
     keys = list(store.iter_manifest_keys())
     assert len(keys) == 1 and a.segment_id in keys[0][0]
-    assert store.read_pointer(NS, 8).segment_id == a.segment_id
+    assert store.read_pointer(NS, 7).segment_id == a.segment_id
     # the loser removed its layer objects too
     all_keys = [o.key for o in store.client.list("test/")]
     assert all(a.segment_id in k or is_pointer_key(k) for k in all_keys)
@@ -114,7 +114,7 @@ def test_delete_segment_order_and_completeness(store):
     tokens = [16, 16]
     m = store.write_segment(NS, [41, 42], tokens, (2, HIDDEN), make_layers(4, tokens))
     n = store.delete_segment(m)
-    assert n == 2 + 1 + 4
+    assert n == 1 + 1 + 4  # the start pointer, the manifest, the layers
     assert list(store.client.list("test/")) == []
 
 
@@ -182,3 +182,30 @@ def test_a_pointer_naming_another_dtypes_segment_is_a_miss_even_when_its_manifes
         idx = ChunkIndex(store, pool=pool, negative_ttl_s=0)
         assert idx.resolve(a, [77])[0] is not None
         assert idx.resolve(b, [77]) == [None]
+
+
+def test_a_pointer_whose_manifest_is_gone_is_replaced_by_the_next_commit(store):
+    """A pointer without a manifest is garbage (commits write the manifest first, deletions
+    remove the pointer first): a writer meeting one replaces it instead of losing its commit
+    to it until gc runs."""
+    tokens = [16, 16]
+    old = store.write_segment(NS, [51, 52], tokens, (2, HIDDEN), make_layers(2, tokens, 1))
+    store.client.delete(store.names(NS).manifest_object(old.segment_id))  # e.g. a lifecycle rule
+    new = store.write_segment(NS, [51, 52], tokens, (2, HIDDEN), make_layers(2, tokens, 2))
+    assert store.read_pointer(NS, 51).segment_id == new.segment_id
+    assert store.read_manifest(NS, new.segment_id) == new
+
+
+def test_delete_segment_leaves_a_start_pointer_naming_another_segment(store):
+    tokens = [16]
+    a = store.write_segment(NS, [61], tokens, (2, HIDDEN), make_layers(2, tokens, 1))
+    # b starts at the same chunk: only possible by hand (commit would lose), so forge the
+    # manifest and layers without a pointer
+    b = store.write_segment(NS, [62], tokens, (2, HIDDEN), make_layers(2, tokens, 2))
+    from dataclasses import replace
+    b61 = replace(b, chunk_hashes=(61,), segment_id="cd" * 16)
+    for layer in range(2):
+        store.put_layer(NS, b61.segment_id, layer, make_layers(2, tokens, 2)[layer])
+    store.client.put_bytes(store.names(NS).manifest_object(b61.segment_id), b61.encode())
+    assert store.delete_segment(b61) == 1 + 2  # no pointer names it: manifest and layers only
+    assert store.read_pointer(NS, 61).segment_id == a.segment_id

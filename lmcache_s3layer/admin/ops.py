@@ -1,10 +1,13 @@
 """Operating a cache bucket: list and verify segments (``inspect``), delete old segments and the
 garbage crashed writers leave (``gc``). Bytes and keys only; no LMCache imports.
 
-Both start from one listing of ``<prefix>/v1/`` (``scan``) that sorts every key into
+Both start from one listing of ``<prefix>/v2/`` (``scan``) that sorts every key into
 committed segments (a manifest is present), orphan segment directories (layer objects with no
-manifest: a writer crashed or lost its commit before the manifest), chunk pointers, and keys
-that are not ours (left alone). Manifests are read in parallel; layer data only by ``verify``.
+manifest: a writer crashed or lost its commit before the manifest), segment-start pointers,
+and keys that are not ours (left alone). Manifests and pointers (one per segment) are read in
+parallel; layer data only by ``verify``. Objects of older formats (``<prefix>/v1/``, which had a
+pointer per chunk) are listed too and reported as legacy: the cache never reads them, and
+``gc --legacy`` deletes them.
 
 Ages: a segment's age is time since its commit, not since its last use (S3 records no access
 time, and a read path that wrote one would turn every hit into a PUT). Commit time is the
@@ -28,6 +31,7 @@ from lmcache_s3layer.config import fmt_bytes
 from lmcache_s3layer.errors import FormatError, ObjectNotFound, S3LayerError, StorageError
 from lmcache_s3layer.format.checksum import crc32c
 from lmcache_s3layer.format.objects import (
+    LEGACY_VERSIONS,
     MANIFEST_NAME,
     MAX_POINTER_BYTES,
     Manifest,
@@ -136,10 +140,48 @@ class SegmentInfo:
 
 @dataclass
 class PointerInfo:
+    """A segment-start pointer as listed and, when scanned with its contents, what it names."""
+
     key: str
     ns_root: str
     hash_hex: str
     info: ObjectInfo
+    segment_id: str | None = None  # None: not read, unreadable or gone (``error`` says which)
+    error: str | None = None
+    malformed: bool = False  # read, and not a valid pointer of this format (garbage for sure)
+
+
+@dataclass
+class LegacyObjects:
+    """Everything under an older format's version root (``<prefix>/v1/``): never read by the
+    cache, reported by ``inspect``, deleted by ``gc --legacy``."""
+
+    version: int
+    root: str
+    objects: list[ObjectInfo] = field(default_factory=list)
+
+    @property
+    def bytes(self) -> int:
+        return sum(o.size for o in self.objects)
+
+    def count(self, kind: str) -> int:
+        """Objects of a kind: "manifest", "layer", "pointer" or "other" (not an object name
+        of that format: left alone by gc)."""
+        return sum(1 for o in self.objects if _legacy_kind(o.key) == kind)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.version, "root": self.root, "objects": len(self.objects), "bytes": self.bytes,
+                "segments": self.count("manifest"), "layer_objects": self.count("layer"),
+                "pointers": self.count("pointer"), "other": self.count("other")}
+
+
+def _legacy_kind(key: str) -> str:
+    c = parse_key(key)
+    if c is None:
+        return "other"
+    if c.kind == "pointer":
+        return "pointer"
+    return "manifest" if c.is_manifest else "layer"
 
 
 @dataclass
@@ -172,19 +214,48 @@ class Scan:
     segments: list[SegmentInfo]  # committed: a manifest object exists (readable or not)
     orphan_dirs: list[SegmentInfo]  # layer objects without a manifest
     pointers: list[PointerInfo]
-    foreign: list[ObjectInfo]  # under the prefix but not format v1's names
+    foreign: list[ObjectInfo]  # under the prefix but not format v2's names
+    legacy: list[LegacyObjects] = field(default_factory=list)  # older formats' roots, non-empty ones
 
-    def live_hashes(self, exclude: Iterable[str] = ()) -> dict[str, set[str]]:
-        """Chunk hashes (hex) per namespace root named by readable manifests."""
-        skip = set(exclude)
-        out: dict[str, set[str]] = {}
+    def start_pointer(self, s: SegmentInfo) -> PointerInfo | None:
+        """The listed pointer at the segment's first chunk (whichever segment it names)."""
+        if s.manifest is None:
+            return None
+        want = (s.ns_root, hash_hex(s.manifest.chunk_hashes[0]))
+        return self._pointers_by_start().get(want)
+
+    def _pointers_by_start(self) -> dict[tuple[str, str], PointerInfo]:
+        return {(p.ns_root, p.hash_hex): p for p in self.pointers}
+
+    def unreferenced(self) -> list[SegmentInfo]:
+        """Readable segments no pointer names: no other instance can find them. A writer
+        between its manifest and its pointer looks like this (gc waits out the grace); past
+        it, a loser of a commit race whose clean-up failed, or a segment whose pointer PUT
+        failed. A listed pointer deleted before it could be read counts as naming it: only
+        proof makes garbage."""
+        by_start = self._pointers_by_start()
+        out = []
         for s in self.segments:
-            if s.manifest is not None and s.segment_id not in skip:
-                out.setdefault(s.ns_root, set()).update(hash_hex(h) for h in s.manifest.chunk_hashes)
+            if s.manifest is None:
+                continue
+            p = by_start.get((s.ns_root, hash_hex(s.manifest.chunk_hashes[0])))
+            if p is None or p.malformed or (p.segment_id is not None and p.segment_id != s.segment_id):
+                out.append(s)
         return out
+
+    def orphan_pointers(self) -> list[PointerInfo]:
+        """Pointers naming no committed segment of their namespace (its manifest deleted by
+        hand or by a lifecycle rule), and malformed ones. A pointer naming a segment gc is
+        about to delete is not one: it goes with its segment (``delete_segment``). Pointers
+        whose contents were not read are never orphans here."""
+        committed = {(s.ns_root, s.segment_id) for s in self.segments}
+        return [p for p in self.pointers
+                if p.malformed or (p.segment_id is not None and (p.ns_root, p.segment_id) not in committed)]
 
 
 def scan(store: SegmentStore, *, jobs: int = 8, read_manifests: bool = True) -> Scan:
+    """``read_manifests``: read every manifest and pointer (one per segment) too; without
+    them segments are only their listed objects, and no pointer is known orphan."""
     listed_at = time.time()
     segs: dict[str, SegmentInfo] = {}
     pointers: list[PointerInfo] = []
@@ -200,9 +271,15 @@ def scan(store: SegmentStore, *, jobs: int = 8, read_manifests: bool = True) -> 
             s.objects[c.name] = info
         else:
             pointers.append(PointerInfo(info.key, c.ns_root, c.ident, info))
+    legacy = []
+    for version in LEGACY_VERSIONS:
+        root = version_root(store.prefix, version)
+        objects = list(store.client.list(root))
+        if objects:
+            legacy.append(LegacyObjects(version, root, objects))
     committed = [s for s in segs.values() if s.has_manifest]
     orphans = [s for s in segs.values() if not s.has_manifest]
-    if read_manifests and committed:
+    if read_manifests and (committed or pointers):
         def load(s: SegmentInfo) -> None:
             info = s.manifest_info
             assert info is not None  # only committed segments are loaded
@@ -212,11 +289,24 @@ def scan(store: SegmentStore, *, jobs: int = 8, read_manifests: bool = True) -> 
                 s.manifest_error = str(exc)
             except ObjectNotFound:
                 s.manifest_error = "manifest deleted while listing (concurrent gc?)"
+
+        def load_pointer(p: PointerInfo) -> None:
+            try:
+                ptr = Pointer.decode(store.client.get_bytes(p.key, MAX_POINTER_BYTES))
+                if ptr.chunk_hash & ((1 << 64) - 1) != int(p.hash_hex, 16):
+                    raise FormatError("pointer names another chunk than its object name")
+                p.segment_id = ptr.segment_id
+            except FormatError as exc:
+                p.error, p.malformed = str(exc), True
+            except ObjectNotFound:
+                p.error = "deleted while listing (concurrent gc?)"
+
         with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="s3layer-scan") as pool:
             list(pool.map(load, committed))
+            list(pool.map(load_pointer, pointers))
     committed.sort(key=lambda s: (s.committed_at, s.segment_id))
     orphans.sort(key=lambda s: (s.newest, s.segment_id))
-    return Scan(store.prefix, listed_at, committed, orphans, pointers, foreign)
+    return Scan(store.prefix, listed_at, committed, orphans, pointers, foreign, legacy)
 
 
 def find_segment(sc: Scan, wanted: str) -> SegmentInfo:
@@ -368,11 +458,12 @@ def verify(store: SegmentStore, segments: list[SegmentInfo], *, jobs: int = 8,
 # gc
 # ---------------------------------------------------------------------------------------------
 #
-# Why deleting in the order pointers -> manifest -> layer objects is safe for a concurrent
-# reader (another engine looking up and retrieving the same chunks while gc runs):
+# Why deleting in the order start pointer -> manifest -> layer objects is safe for a
+# concurrent reader (another engine looking up and retrieving the same chunks while gc runs):
 #
-# * A reader finds a chunk through its pointer, then the manifest. With the pointer gone, the
-#   look-up is a miss. With the pointer still there but the manifest gone, the manifest GET is
+# * A reader finds a segment through the pointer at its first chunk, then the manifest. With
+#   the pointer gone, the look-up is a miss (the chunks after it are found only through that
+#   manifest). With the pointer still there but the manifest gone, the manifest GET is
 #   NoSuchKey and ``ChunkIndex`` answers a clean miss too. The manifest is the commit point in
 #   both directions: nothing can be found without it, so once it is deleted the layer objects
 #   are unreachable garbage, and deleting them last cannot expose anything.
@@ -382,26 +473,36 @@ def verify(store: SegmentStore, segments: list[SegmentInfo], *, jobs: int = 8,
 #   gets part of a layer: a layer is handed out only whole and checksum-verified.
 # * The reverse order (layers first) would leave, for a while, a manifest that promises layers
 #   that no longer exist; every reader that looked the chunks up in that window would turn a
-#   hit into a failed retrieval. Manifest-before-pointers would do the same to pointer readers,
-#   only as clean misses, so pointers go first to keep even that window empty.
+#   hit into a failed retrieval. Manifest-before-pointer would do the same to pointer readers,
+#   only as clean misses, so the pointer goes first to keep even that window empty.
 #
 # Orphans: layer objects without a manifest are what a writer leaves between its first layer
 # PUT and its manifest PUT, so they are garbage only once older than a grace period far beyond
 # a writer's longest store (``SegmentWriter`` abandons a store after 5 idle minutes; the
-# default grace is an hour). A pointer is an orphan when no surviving manifest of its
-# namespace names its chunk; it is re-read and its manifest checked just before deletion, so a
-# commit that raced the listing survives.
+# default grace is an hour). A pointer is an orphan when the segment it names has no manifest
+# (or it is malformed); it is re-read and its manifest checked just before deletion, so a
+# commit that raced the listing survives. A segment is *unreferenced* when no pointer names it
+# (its start pointer is missing or names another segment): a writer between its manifest and
+# its pointer PUT looks like that for milliseconds, so only past the grace is it garbage (a
+# race loser whose clean-up failed, or a commit whose pointer PUT failed).
+#
+# Legacy formats (``<prefix>/v1/``: a pointer per chunk) are never read by this version, and
+# deleted only with ``legacy=True`` (``gc --legacy``): during a rolling upgrade engines of the
+# old version still read and write them, and only the operator knows when the last one is
+# gone. Their objects are deleted pointers first, then manifests, then layer objects, the
+# same order as above, for the old readers' sake.
 
 
 @dataclass
 class GcAction:
-    kind: str  # segment | orphan_layers | orphan_pointer
+    kind: str  # segment | orphan_layers | orphan_pointer | legacy
     reason: str
-    key: str  # segment dir, or pointer key
+    key: str  # segment dir, pointer key, or a legacy version root
     bytes: int
     objects: int
     age_s: float
     segment: SegmentInfo | None = None
+    legacy: LegacyObjects | None = None
     done: bool = False
     error: str | None = None
 
@@ -413,6 +514,8 @@ class GcAction:
             m = self.segment.manifest
             if m is not None:
                 d.update(model=m.namespace.model, tokens=m.total_tokens, layers=m.num_layers)
+        if self.legacy is not None:
+            d["format_version"] = self.legacy.version
         if self.error:
             d["error"] = self.error
         return d
@@ -424,6 +527,7 @@ class GcReport:
     actions: list[GcAction]
     kept_segments: int
     kept_bytes: int
+    legacy_kept: list[LegacyObjects] = field(default_factory=list)  # found, not deleted (no --legacy)
 
     @property
     def errors(self) -> list[GcAction]:
@@ -431,6 +535,7 @@ class GcReport:
 
     def to_json(self) -> dict[str, Any]:
         segs = [a for a in self.actions if a.kind == "segment"]
+        legacy = [a for a in self.actions if a.kind == "legacy"]
         return {
             "dry_run": self.dry_run,
             "actions": [a.to_json() for a in self.actions],
@@ -438,6 +543,9 @@ class GcReport:
                 "segments": len(segs), "segment_bytes": sum(a.bytes for a in segs),
                 "orphan_layer_objects": sum(a.objects for a in self.actions if a.kind == "orphan_layers"),
                 "orphan_pointers": sum(1 for a in self.actions if a.kind == "orphan_pointer"),
+                "legacy_objects": sum(a.objects for a in legacy), "legacy_bytes": sum(a.bytes for a in legacy),
+                "legacy_kept_objects": sum(len(g.objects) for g in self.legacy_kept),
+                "legacy_kept_bytes": sum(g.bytes for g in self.legacy_kept),
                 "kept_segments": self.kept_segments, "kept_bytes": self.kept_bytes,
                 "errors": len(self.errors),
             },
@@ -446,14 +554,16 @@ class GcReport:
 
 def plan_gc(sc: Scan, *, older_than_s: float | None = None, max_bytes: int | None = None,
             orphan_grace_s: float = 3600.0, now: float | None = None,
-            segment_ids: Iterable[str] = ()) -> tuple[list[GcAction], list[SegmentInfo]]:
+            segment_ids: Iterable[str] = (), legacy: bool = False) -> tuple[list[GcAction], list[SegmentInfo]]:
     """What gc would delete, oldest first, and the segments it keeps. Pure (no I/O).
     ``segment_ids``: full ids to delete regardless of age (e.g. ones ``inspect --verify``
-    found corrupt: gc itself reads no layer data)."""
+    found corrupt: gc itself reads no layer data). ``legacy``: also every object of an older
+    format (see above)."""
     named = set(segment_ids)
     now = time.time() if now is None else now
     actions: list[GcAction] = []
     kept: list[SegmentInfo] = []
+    unreferenced = {id(s) for s in sc.unreferenced()}
 
     def seg_action(s: SegmentInfo, reason: str) -> None:
         actions.append(GcAction("segment", reason, s.dir, s.size, len(s.objects), now - s.committed_at, s))
@@ -471,6 +581,8 @@ def plan_gc(sc: Scan, *, older_than_s: float | None = None, max_bytes: int | Non
             # A manifest is written only after all its layers, so a missing or short layer is
             # damage, not a write in progress: every hit on it would be a failed retrieval.
             seg_action(s, f"damaged: {damage[0].reason}")
+        elif id(s) in unreferenced and age > orphan_grace_s:
+            seg_action(s, "unreferenced: no pointer names it (a lost commit race, or a failed pointer write)")
         else:
             kept.append(s)
     if max_bytes is not None:
@@ -488,26 +600,39 @@ def plan_gc(sc: Scan, *, older_than_s: float | None = None, max_bytes: int | Non
         if age > orphan_grace_s:
             actions.append(GcAction("orphan_layers", "layer objects without a manifest", d.dir, d.size,
                                     len(d.objects), age, d))
-    doomed = {a.segment.segment_id for a in actions if a.kind == "segment" and a.segment is not None}
-    live = sc.live_hashes(exclude=doomed)
-    # Pointers of segments deleted above go with their segment (``delete_segment``).
-    handled = sc.live_hashes(exclude={s.segment_id for s in sc.segments} - doomed)
-    for p in sc.pointers:
+    for p in sc.orphan_pointers():
         age = now - p.info.last_modified
-        if (age > orphan_grace_s and p.hash_hex not in live.get(p.ns_root, set())
-                and p.hash_hex not in handled.get(p.ns_root, set())):
-            actions.append(GcAction("orphan_pointer", "no surviving manifest names this chunk", p.key,
-                                    p.info.size, 1, age))
+        if age > orphan_grace_s:
+            reason = "malformed pointer" if p.malformed else "the segment it names has no manifest"
+            actions.append(GcAction("orphan_pointer", reason, p.key, p.info.size, 1, age))
+    # A segment deleted above with an unreadable manifest: ``delete_segment`` cannot tell its
+    # first chunk, so its pointer is removed here (after the segments, see ``run_gc``).
+    blind = {(a.segment.ns_root, a.segment.segment_id) for a in actions
+             if a.kind == "segment" and a.segment is not None and a.segment.manifest is None}
+    for p in sc.pointers:
+        if p.segment_id is not None and (p.ns_root, p.segment_id) in blind:
+            actions.append(GcAction("orphan_pointer", "names a segment deleted above (unreadable manifest)",
+                                    p.key, p.info.size, 1, now - p.info.last_modified))
+    if legacy:
+        for g in sc.legacy:
+            n = len(g.objects) - g.count("other")
+            if n:
+                age = now - min(o.last_modified for o in g.objects)
+                actions.append(GcAction("legacy", f"legacy format v{g.version} (never read by this version)",
+                                        g.root, sum(o.size for o in g.objects if _legacy_kind(o.key) != "other"),
+                                        n, age, legacy=g))
     return actions, kept
 
 
 def run_gc(store: SegmentStore, sc: Scan, actions: list[GcAction], kept: list[SegmentInfo], *,
            dry_run: bool = False, jobs: int = 8,
            on_action: Callable[[GcAction], None] | None = None) -> GcReport:
-    """Carry out ``plan_gc``'s actions: segments (each pointers -> manifest -> layers, see the
-    comment above), then orphan layer objects, then orphan pointers. Failures are recorded on
-    the action and gc goes on; the caller decides the exit status."""
-    rep = GcReport(dry_run, actions, len(kept), sum(s.size for s in kept))
+    """Carry out ``plan_gc``'s actions: segments (each start pointer -> manifest -> layers,
+    see the comment above), then orphan layer objects, orphan pointers and legacy objects.
+    Failures are recorded on the action and gc goes on; the caller decides the exit status."""
+    legacy_planned = {id(a.legacy) for a in actions if a.legacy is not None}
+    rep = GcReport(dry_run, actions, len(kept), sum(s.size for s in kept),
+                   [g for g in sc.legacy if id(g) not in legacy_planned])
     notify = on_action or (lambda a: None)
     if dry_run:
         for a in actions:
@@ -524,6 +649,10 @@ def run_gc(store: SegmentStore, sc: Scan, actions: list[GcAction], kept: list[Se
             elif a.kind == "orphan_layers":
                 assert a.segment is not None
                 store.client.delete_many(sorted(o.key for o in a.segment.objects.values()))
+            elif a.kind == "legacy":
+                assert a.legacy is not None
+                for kind in ("pointer", "manifest", "layer"):  # the order of ``delete_segment``
+                    store.client.delete_many(sorted(o.key for o in a.legacy.objects if _legacy_kind(o.key) == kind))
             else:
                 deleted, note = _delete_orphan_pointer(store, a.key, live_dirs)
                 if note:
@@ -552,13 +681,13 @@ def _delete_segment(store: SegmentStore, s: SegmentInfo) -> None:
     m = s.manifest
     expected: set[str] = set()
     if m is not None and Names(store.prefix, m.namespace).root == s.ns_root:
-        store.delete_segment(m)  # pointers naming it, manifest, layers: that order
+        store.delete_segment(m)  # its start pointer if that names it, manifest, layers: that order
         names = store.names(m.namespace)
         expected = {names.manifest_object(m.segment_id)} | {
             names.layer_object(m.segment_id, l) for l in range(m.num_layers)}
     elif s.manifest_info is not None:
-        # Unreadable (or misplaced) manifest: its chunks are unknown, so pointers naming it are
-        # left to the orphan-pointer pass; readers already treat them as misses.
+        # Unreadable (or misplaced) manifest: its first chunk is unknown, so a pointer naming
+        # it is left to the orphan-pointer pass; readers already treat it as a miss.
         store.client.delete(s.manifest_info.key)
         expected = {s.manifest_info.key}
     leftovers = sorted(o.key for o in s.objects.values() if o.key not in expected)
@@ -595,13 +724,14 @@ def _delete_orphan_pointer(store: SegmentStore, key: str, live_dirs: set[str]) -
 
 def gc(store: SegmentStore, *, older_than_s: float | None = None, max_bytes: int | None = None,
        orphan_grace_s: float = 3600.0, dry_run: bool = False, jobs: int = 8, now: float | None = None,
-       on_action: Callable[[GcAction], None] | None = None, segments: Iterable[str] = ()) -> GcReport:
+       on_action: Callable[[GcAction], None] | None = None, segments: Iterable[str] = (),
+       legacy: bool = False) -> GcReport:
     """``segments``: ids or unique id prefixes of committed segments to delete as well
-    (LookupError when one matches none or several)."""
+    (LookupError when one matches none or several). ``legacy``: delete older formats' objects."""
     sc = scan(store, jobs=jobs)
     named = [find_segment(sc, wanted).segment_id for wanted in segments]
     actions, kept = plan_gc(sc, older_than_s=older_than_s, max_bytes=max_bytes,
-                            orphan_grace_s=orphan_grace_s, now=now, segment_ids=named)
+                            orphan_grace_s=orphan_grace_s, now=now, segment_ids=named, legacy=legacy)
     return run_gc(store, sc, actions, kept, dry_run=dry_run, jobs=jobs, on_action=on_action)
 
 

@@ -253,7 +253,9 @@ class S3LayerCore:
     def lookup(self, ns: Namespace, chunk_hashes: Sequence[int], *, pin: bool, num_layers: int,
                prefetch: bool | None = None, token_shape: Sequence[int] | None = None,
                reserve: bool | None = None) -> int:
-        """Prefix hit count: memory index, then pointer look-ups; pins and prefetches hits.
+        """Prefix hit count: memory index, then one parallel round of pointer look-ups (a
+        segment found by its first chunk covers the chunks its manifest lists); pins and
+        prefetches hits.
 
         ``token_shape`` is the engine's per-token KV shape: a segment of another shape (another
         model config under the same name) is a miss here, before anything is promised to the
@@ -312,7 +314,10 @@ class S3LayerCore:
 
     def contains(self, ns: Namespace, chunk_hash: int) -> bool:
         """Forward-path check: memory only (microseconds). Chunks reach memory through a
-        lookup, our own commits, or an earlier retrieval."""
+        lookup, our own commits, or an earlier retrieval. A look-up that resolves a segment
+        puts ALL of its chunks in memory, so a chunk in the middle of a segment (which has no
+        pointer of its own, format v2) is known here once its segment's first chunk was
+        looked up: LMCache looks chunks up in order before it stores or retrieves them."""
         loc = self.index.get(ns, chunk_hash)
         return loc is not None and not self._is_bad(loc.manifest.segment_id)
 

@@ -1,9 +1,24 @@
 """Chunk hash -> (committed segment, position), in memory, with pointer look-ups for misses.
 
 LMCache asks "is this chunk here?" on the scheduling path (lookup) and again on the forward
-path (store_layer / retrieve_layer). The memory answer must be microseconds; a remote answer
-costs a pointer GET and a manifest GET (cached per segment). Misses are remembered for a short
-TTL so a burst of look-ups for a cold prefix costs one request per chunk, not one per call.
+path (store_layer / retrieve_layer). The memory answer must be microseconds. Remotely, only a
+segment's FIRST chunk has a pointer (format v2); its manifest names every chunk of the
+segment, and resolving one segment puts all of its chunks in memory.
+
+A look-up of chunks memory does not know costs ONE round trip of pointer GETs, all in
+parallel (each found pointer followed by its manifest GET, one per segment), then a walk
+with no I/O: a chunk resolves when memory knows it, when its own pointer was found (it starts
+a segment), or when a manifest resolved by the same look-up lists it (it continues that
+segment). Walking segment by segment would be cheaper in GETs and slower by one round trip
+per segment; the look-up is on the scheduling path, so the GETs are spent instead (a 404
+costs as little as a hit). Because hashes are chained from the first token, a prefix hit
+always begins at a segment start or continues a segment already resolved, so this finds
+every prefix a pointer per chunk found.
+
+Chunks a look-up concluded are missing (no pointer, and listed by no manifest it resolved) are
+remembered for a short TTL, so a burst of look-ups for a cold prefix costs one request per
+chunk, not one per call. A chunk whose 404 is explained by a manifest (the middle of a
+segment) is never remembered as missing.
 
 Pins: a pinned chunk's entry cannot be evicted or dropped until unpinned, so a chunk that was
 a hit at lookup is still a hit at retrieve (LMCache #899 crashes the worker otherwise).
@@ -44,6 +59,8 @@ class IndexStats:
     pointer_gets: int = 0
     manifest_gets: int = 0
     bad_objects: int = 0
+    covered: int = 0  # resolved without a pointer of their own: listed by a resolved manifest
+    remote_rounds: int = 0  # look-ups that needed the store: one parallel round of GETs each
 
 
 class ChunkIndex:
@@ -155,50 +172,108 @@ class ChunkIndex:
     # ---- remote ----------------------------------------------------------------------------
 
     def resolve(self, ns: Namespace, chunk_hashes: Sequence[int]) -> list[Location | None]:
-        """Memory first; pointer (+ manifest) GETs in parallel for the rest, bounded in time.
+        """Prefix answer: memory first; one parallel round of pointer (+ manifest) GETs for the
+        rest, bounded in time; then the walk. Everything after the first miss is None (a
+        prefix look-up cannot use it), even where a later segment was found.
 
         A look-up that errors or times out is a miss (never an exception on the scheduling
         path); corrupt or foreign pointers/manifests are counted and treated as misses.
+
+        A single chunk in the middle of a segment, asked alone of a cold index, is a miss: it
+        has no pointer and nothing in the request names its segment. LMCache asks in chunk
+        order (layerwise: one call per chunk), so the segment's first chunk was asked and
+        resolved first, and that put the whole segment in memory.
         """
         out, remote = self._resolve(ns, chunk_hashes)
+        first_miss = next((i for i, loc in enumerate(out) if loc is None), len(out))
+        for i in range(first_miss + 1, len(out)):
+            out[i] = None
         self._count_results(out, remote)
         return out
 
     def committed(self, ns: Namespace, chunk_hashes: Sequence[int]) -> list[bool]:
-        """Write path: which of these chunks a committed segment already holds.
+        """Write path: for EVERY one of these chunks, whether a committed segment holds it
+        (not a prefix answer: a store may hand chunks on both sides of a gap).
 
-        The same memory-then-pointer answer as ``resolve``, but not counted as look-ups (the
+        The same memory-then-pointer walk as ``resolve``, but not counted as look-ups (the
         resolution metrics describe what the scheduler saw). A look-up that fails or times
-        out says "not committed": writing a chunk again costs at worst a lost commit race,
-        while skipping one that is not stored would leave a gap no later lookup gets past.
+        out says "not committed": writing a chunk again costs at worst a duplicate or a lost
+        commit race, while skipping one that is not stored would leave a gap no later lookup
+        gets past. A chunk in the middle of a committed segment whose first chunk is neither
+        in memory nor among these hashes says "not committed" too (it has no pointer): the
+        same duplicate, never wrong data.
         """
         out, _ = self._resolve(ns, chunk_hashes)
         return [loc is not None for loc in out]
 
     def _resolve(self, ns: Namespace, chunk_hashes: Sequence[int]) -> tuple[list[Location | None], set[int]]:
+        """Every position's location (None: missing or unknown) and the positions resolved
+        remotely. No I/O after the one parallel round."""
         hashes = [normalize_hash(h) for h in chunk_hashes]
         out: list[Location | None] = [self.get(ns, h) for h in hashes]
-        todo = [i for i, loc in enumerate(out) if loc is None and not self.is_known_missing(ns, hashes[i])]
-        if not todo:
+        if all(loc is not None for loc in out):
             return out, set()
-        futures = {self._pool.submit(self._resolve_one, ns, hashes[i]): i for i in todo}
-        done, not_done = wait(futures, timeout=self._lookup_timeout)
-        for f in not_done:
-            f.cancel()
-        for f in done:
-            try:
-                out[futures[f]] = f.result()
-            except Exception:  # noqa: BLE001 - _resolve_one already classified and logged
-                out[futures[f]] = None
-        return out, {futures[f] for f in done}
+        todo = [i for i, loc in enumerate(out) if loc is None and not self.is_known_missing(ns, hashes[i])]
+        remote: set[int] = set()
+        absent: set[int] = set()  # no usable pointer, for sure (not an error or a timeout)
+        if todo:
+            self.stats.remote_rounds += 1
+            futures = {self._pool.submit(self._resolve_start, ns, hashes[i]): i for i in todo}
+            done, not_done = wait(futures, timeout=self._lookup_timeout)
+            for f in not_done:
+                f.cancel()
+            for f in done:
+                i = futures[f]
+                try:
+                    loc, missing = f.result()
+                except Exception:  # noqa: BLE001 - _resolve_start already classified and logged
+                    loc, missing = None, False
+                if loc is not None:
+                    out[i] = loc
+                    remote.add(i)
+                elif missing:
+                    absent.add(i)
+        self._cover(ns, hashes, out, remote)
+        for i in absent:
+            if out[i] is None:  # no pointer, and no segment this look-up found lists it
+                self._remember_missing(ns, hashes[i])
+        return out, remote
 
-    def _resolve_one(self, ns: Namespace, h: int) -> Location | None:
+    def _cover(self, ns: Namespace, hashes: list[int], out: list[Location | None], remote: set[int]) -> None:
+        """Fill the positions a resolved segment lists: found by a pointer of this look-up
+        (``add_manifest`` put them in memory) or known before (a sibling evicted alone)."""
+        manifests: dict[str, Manifest] = {}
+        for i, loc in enumerate(out):
+            if loc is None:
+                loc = self.get(ns, hashes[i])
+                if loc is not None:
+                    out[i] = loc
+                    remote.add(i)
+                    self.stats.covered += 1
+                    continue
+            else:
+                manifests.setdefault(loc.manifest.segment_id, loc.manifest)
+        if all(loc is not None for loc in out) or not manifests:
+            return
+        listed: dict[int, Location] = {}
+        for m in manifests.values():
+            for j, h in enumerate(m.chunk_hashes):
+                listed.setdefault(h, Location(m, j))
+        for i, loc in enumerate(out):
+            if loc is None and hashes[i] in listed:
+                out[i] = listed[hashes[i]]
+                remote.add(i)
+                self.stats.covered += 1
+
+    def _resolve_start(self, ns: Namespace, h: int) -> tuple[Location | None, bool]:
+        """(location, missing) of a chunk by its own pointer, i.e. as a segment's first chunk.
+        ``missing``: it has no usable pointer for sure (404, or a pointer that is malformed,
+        foreign or names a manifest that is gone); False with no location means unknown."""
         try:
             self.stats.pointer_gets += 1
             ptr = self.store.read_pointer(ns, h)
             if ptr is None:
-                self._remember_missing(ns, h)
-                return None
+                return None, True  # no segment starts here; maybe one continues here
             with self._lock:
                 m = self._manifests.get(ptr.segment_id)
             if m is not None and m.namespace != ns:
@@ -211,22 +286,20 @@ class ChunkIndex:
             if m is None:
                 self.stats.manifest_gets += 1
                 m = self.store.read_manifest(ns, ptr.segment_id)
-            if not (0 <= ptr.index < m.num_chunks) or m.chunk_hashes[ptr.index] != h:
-                raise FormatError("pointer and manifest disagree about the chunk's position")
+            if m.chunk_hashes[0] != h:
+                raise FormatError("pointer names a segment that does not start at its chunk")
         except FormatError as exc:
             self.stats.bad_objects += 1
             log.warning("ignoring chunk %016x: %s", h & ((1 << 64) - 1), exc)
-            self._remember_missing(ns, h)
-            return None
+            return None, True
         except StorageError as exc:
             if getattr(exc, "code", None) == "NoSuchKey":
                 # pointer without manifest: an aborted or half-deleted segment, a clean miss
-                self._remember_missing(ns, h)
-            else:
-                log.warning("chunk look-up failed (treated as a miss): %s", exc)
-            return None
+                return None, True
+            log.warning("chunk look-up failed (treated as a miss): %s", exc)
+            return None, False
         self.add_manifest(m)
-        return Location(m, ptr.index)
+        return Location(m, 0), False
 
     def _remember_missing(self, ns: Namespace, h: int) -> None:
         if self._negative_ttl <= 0:

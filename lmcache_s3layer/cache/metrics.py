@@ -143,9 +143,11 @@ class Metrics:
         self.errors.labels(_bounded(kind, FAULT_KINDS)).inc()
 
     def client_fault(self, kind: str, op: str, key: str) -> None:
-        # A chunk pointer that does not exist is how a lookup learns of a miss
-        # (``<ns root>/ptr/<xx>/<hash>``); counting it as a fault would make every cold miss
-        # look like an error on a dashboard. Misses are in s3layer_index_resolutions instead.
+        # A pointer that does not exist is how a lookup learns that no segment starts at a
+        # chunk (``<ns root>/ptr/<xx>/<hash>``): a miss, or a chunk in the middle of a segment
+        # (format v2 has pointers only at segment starts, so most 404s of a cold lookup are
+        # expected). Counting them as faults would make every cold lookup look like an error
+        # on a dashboard. Misses are in s3layer_index_resolutions instead.
         if kind == "ObjectNotFound" and is_pointer_key(key):
             return
         self.fault(kind)

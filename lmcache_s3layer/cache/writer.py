@@ -1,5 +1,6 @@
 """The write path: group the per-layer puts of one store into segments, upload each layer
-object in the background, commit (manifest, then pointers) after the last layer landed.
+object in the background, commit (manifest, then the segment's start pointer) after the last
+layer landed.
 
 ``submit_layer`` runs on the forward path (LMCache's ``store_layer`` calls the plugin once per
 layer while vLLM computes), so it only does bookkeeping and hands work to upload threads. The
@@ -11,10 +12,23 @@ False, so a store may skip chunks (the set need not be contiguous), and it may a
 chunks that are committed already but unknown to this process's memory index (a layerwise
 lookup stops at its first miss, so chunks after a gap are never looked up). Before the first
 byte of a store is read, its chunks are checked against the index and, for those memory does
-not know, against their pointers; every chunk not committed (and not in flight in another
-store) is written, each run of consecutive new chunks as its own segment(s). Committed chunks
-are never rewritten, and a committed chunk in the middle no longer makes the whole store lose
-the pointer race, which left the chunks around it unwritten for good (a lookup stops at a gap).
+not know, against the store (``ChunkIndex.committed``: one parallel round of pointer GETs,
+then every manifest found says which of the handed chunks it holds); every chunk not committed
+(and not in flight in another store) is written, each run of consecutive new chunks as its own
+segment(s), each with a pointer at its first chunk. Committed chunks are not rewritten when
+that can be known: a chunk in the middle of a committed segment whose first chunk is neither
+in memory nor among the handed chunks has no pointer of its own and is written again (a rare
+cross-process case; a duplicate of the same bytes, never wrong data). A committed chunk in the
+middle of a store only splits it, so the chunks around it are still written.
+
+Cross-instance races: two writers starting a segment at the same chunk race on its pointer and
+the loser deletes its segment (``SegmentStore.commit``). Two writers whose new chunks overlap
+without the same first chunk (W1 writes 0..9 while W2 writes 5..14) both commit. An index that
+resolves 0..9 through W1's segment and never looked up chunk 5's pointer then finds no pointer
+at chunk 10 (it is in the middle of W2's segment), so chunks 10..14 look missing to it until
+rewritten; the next store of that prompt heals it: ``committed`` says chunk 10 is not, and it
+is written as a segment starting at 10, which has a pointer. A cold index does find them (its
+one round of GETs reads chunk 5's pointer too).
 
 Fence: on a GPU, LMCache fills the buffers it hands us with an asynchronous device-to-host
 copy. ``before_read`` (if given) is called on the upload thread, once per layer upload, right

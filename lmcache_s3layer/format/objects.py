@@ -1,9 +1,17 @@
-"""Format v1: object names, the segment manifest and chunk pointers. Pure: no I/O.
+"""Format v2: object names, the segment manifest and segment-start pointers. Pure: no I/O.
 
 A *segment* is the run of chunks one store wrote. It has one object per layer (that layer's
-``KV_T2D`` slices of every chunk, concatenated in chunk order), a manifest (the commit point,
-written last) and one pointer per chunk (written after the manifest) so any instance finds a
-chunk by hash. Layer-major transfer without per-(chunk, layer) "key explosion".
+``KV_T2D`` slices of every chunk, concatenated in chunk order), a manifest (the commit point)
+and ONE pointer, named by the hash of the segment's first chunk (written after the manifest),
+so any instance finds the segment by that hash; the manifest lists the hashes of every chunk
+after it. Layer-major transfer without per-(chunk, layer) "key explosion".
+
+Why one pointer per segment is enough: LMCache's chunk hashes are chained from the first
+token (chunk k's hash depends on every token before it), and a lookup is a prefix lookup, so
+a hit always begins at a chunk that starts a stored segment or continues one the lookup has
+already resolved. Format v1 wrote a pointer per chunk (2/3 of a store's PUTs); it lives under
+``<prefix>/v1/``, which v2 readers never look at (``LEGACY_VERSIONS``: ``inspect`` reports it,
+``gc`` collects it).
 
 Parsing is strict and bounded: readers fetch at most ``MAX_MANIFEST_BYTES`` /
 ``MAX_POINTER_BYTES``, every number is range-checked before it sizes anything, and every
@@ -22,7 +30,10 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 from lmcache_s3layer.errors import FormatError, NamespaceMismatch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Earlier formats whose objects may still be under a prefix: never read by the cache, reported
+# by ``inspect`` and deleted by ``gc`` (their key scheme is v2's, with ``v1`` as the version).
+LEGACY_VERSIONS = (1,)
 MANIFEST_FORMAT = "lmcache-s3layer/segment"
 POINTER_FORMAT = "lmcache-s3layer/pointer"
 
@@ -127,11 +138,13 @@ class Namespace:
 
 # The key scheme, spelled here and nowhere else:
 #
-#   <prefix>/v1/<namespace path>/seg/<id[:2]>/<id>/L0000 .. L<n-1>   one object per layer
-#   <prefix>/v1/<namespace path>/seg/<id[:2]>/<id>/manifest.json     the commit point
-#   <prefix>/v1/<namespace path>/ptr/<spread>/<hash hex>              one pointer per chunk
+#   <prefix>/v2/<namespace path>/seg/<id[:2]>/<id>/L0000 .. L<n-1>   one object per layer
+#   <prefix>/v2/<namespace path>/seg/<id[:2]>/<id>/manifest.json     the commit point
+#   <prefix>/v2/<namespace path>/ptr/<spread>/<hash hex>              one pointer per segment,
+#                                                                     named by its first chunk
 #
-# ``<prefix>/v1/<namespace path>`` is a namespace's *root*. Writers build names through
+# ``<prefix>/v2/<namespace path>`` is a namespace's *root*. Format v1 used the same scheme
+# under ``<prefix>/v1/`` with a pointer for every chunk. Writers build names through
 # ``Names``; tools that start from a listing (inspect, gc, metrics, benchmarks) parse them with
 # ``parse_key`` and rebuild them from a root with the ``*_at`` functions.
 SEGMENTS_DIR = "seg"
@@ -141,10 +154,13 @@ _LAYER_PREFIX = "L"
 _HEX = frozenset("0123456789abcdef")
 
 
-def version_root(prefix: str) -> str:
-    """``<prefix>/v1/`` (``v1/`` for an empty prefix): everything format v1 writes is below it."""
+def version_root(prefix: str, version: int = FORMAT_VERSION) -> str:
+    """``<prefix>/v2/`` (``v2/`` for an empty prefix): everything format v2 writes is below it.
+    ``version``: another format's root (``LEGACY_VERSIONS``), for the tools that clean it up."""
+    if not (_is_int(version) and 1 <= version <= FORMAT_VERSION):
+        raise FormatError(f"unknown format version {version!r}")
     p = prefix.strip("/")
-    return f"{p}/v{FORMAT_VERSION}/" if p else f"v{FORMAT_VERSION}/"
+    return f"{p}/v{version}/" if p else f"v{version}/"
 
 
 def layer_name(layer: int) -> str:
@@ -201,6 +217,7 @@ class Names:
         return manifest_key_at(self.segment_dir(segment_id))
 
     def pointer_object(self, chunk_hash: int) -> str:
+        """The pointer of the segment whose FIRST chunk has this hash (no other chunk has one)."""
         return pointer_key_at(self.root, chunk_hash)
 
     def segments_root(self) -> str:
@@ -229,7 +246,9 @@ class ParsedKey(NamedTuple):
 
 
 def parse_key(key: str) -> ParsedKey | None:
-    """Classify a key by its last components; None for a key that is not a v1 object name."""
+    """Classify a key by its last components; None for a key that is not an object name of
+    this key scheme (the same for every format version: the caller knows which root it
+    listed)."""
     parts = key.split("/")
     if len(parts) >= 5 and parts[-4] == SEGMENTS_DIR:
         sid, name = parts[-2], parts[-1]
@@ -402,8 +421,8 @@ class Manifest:
             "checksum", "checksums", "created_at"})
         if doc["format"] != MANIFEST_FORMAT:
             raise FormatError("manifest: not an lmcache-s3layer segment manifest")
-        if doc["version"] != FORMAT_VERSION or isinstance(doc["version"], bool):
-            raise FormatError(f"manifest: unsupported format version {doc['version']!r}")
+        if not _is_int(doc["version"]) or doc["version"] != FORMAT_VERSION:
+            raise FormatError(f"manifest: unsupported format version {_short(doc['version'])}")
         if doc["checksum"] != "crc32c":
             raise FormatError(f"manifest: unsupported checksum {doc['checksum']!r}")
         ns = Namespace.from_json(doc["namespace"])
@@ -448,31 +467,49 @@ class Manifest:
 
 @dataclass(frozen=True)
 class Pointer:
+    """``<ns root>/ptr/<spread>/<hash of a segment's first chunk>`` -> that segment.
+
+    Only a segment's first chunk has a pointer, so there is no position field: the chunk is
+    always the manifest's chunk 0 (a reader checks that). ``chunks``, the segment's chunk
+    count, lets tools tell a segment's extent without its manifest; readers trust the
+    manifest, never this number.
+    """
+
     chunk_hash: int
     segment_id: str
-    index: int
-    tokens: int
+    chunks: int
+
+    def __post_init__(self) -> None:
+        hash_hex(self.chunk_hash)
+        check_segment_id(self.segment_id)
+        if not (_is_int(self.chunks) and 1 <= self.chunks <= MAX_CHUNKS):
+            raise FormatError(f"pointer: chunk count out of range: {self.chunks!r}")
 
     def encode(self) -> bytes:
         return json.dumps({"format": POINTER_FORMAT, "version": FORMAT_VERSION,
                            "chunk_hash": hash_hex(self.chunk_hash), "segment_id": self.segment_id,
-                           "index": self.index, "tokens": self.tokens},
+                           "chunks": self.chunks},
                           separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, data: bytes, expect_hash: int | None = None) -> "Pointer":
         doc = _load_json(data, MAX_POINTER_BYTES, "pointer")
-        doc = _expect_obj(doc, "pointer", {"format", "version", "chunk_hash", "segment_id", "index", "tokens"})
+        if isinstance(doc, dict) and not (_is_int(doc.get("version")) and doc["version"] == FORMAT_VERSION):
+            # Before the field check, so a v1 pointer (other fields) says what it is.
+            raise FormatError(f"pointer: unsupported format version {_short(doc.get('version'))}")
+        doc = _expect_obj(doc, "pointer", {"format", "version", "chunk_hash", "segment_id", "chunks"})
         if doc["format"] != POINTER_FORMAT:
-            raise FormatError("pointer: not an lmcache-s3layer chunk pointer")
-        if doc["version"] != FORMAT_VERSION or isinstance(doc["version"], bool):
-            raise FormatError(f"pointer: unsupported format version {doc['version']!r}")
+            raise FormatError("pointer: not an lmcache-s3layer segment pointer")
         p = cls(_parse_hash(doc["chunk_hash"]), check_segment_id(doc["segment_id"]),
-                _expect_int(doc["index"], "pointer.index", 0, MAX_CHUNKS - 1),
-                _expect_int(doc["tokens"], "pointer.tokens", 1, MAX_CHUNK_TOKENS))
+                _expect_int(doc["chunks"], "pointer.chunks", 1, MAX_CHUNKS))
         if expect_hash is not None and hash_hex(expect_hash) != hash_hex(p.chunk_hash):
             raise NamespaceMismatch("pointer names another chunk than its object name")
         return p
+
+    @classmethod
+    def of(cls, manifest: "Manifest") -> "Pointer":
+        """The pointer that commits ``manifest``: named by its first chunk."""
+        return cls(manifest.chunk_hashes[0], manifest.segment_id, manifest.num_chunks)
 
 
 # ---------------------------------------------------------------------------------------------

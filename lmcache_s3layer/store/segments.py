@@ -1,16 +1,23 @@
-"""Segments on the object store: write (layers, then manifest, then pointers), verified
-ranged reads of one layer's chunk range, pointer look-ups, and ordered deletion.
+"""Segments on the object store: write (layers, then manifest, then the start pointer),
+verified ranged reads of one layer's chunk range, pointer look-ups, and ordered deletion.
 
 Commit protocol (why each step is where it is):
 1. every layer object is PUT; nothing points at them yet, so a crash leaves only garbage
    that ``gc`` collects;
-2. the manifest is PUT create-only: from here on the segment exists;
-3. one pointer per chunk, create-only, in chunk order. Two writers racing on the same prefix
-   conflict on the first shared chunk; the loser deletes what it wrote (pointers, manifest,
-   layers) so a chunk hash always resolves to exactly one segment and a reader never mixes.
-Deletion runs in the reverse order, so a concurrent reader sees a clean miss, never a
-segment whose manifest promises layers that are gone without noticing (a missing layer is a
-typed error that the read path turns into a miss or a loud failure, never partial data).
+2. the manifest is PUT create-only: the segment's content is fixed from here on, but nothing
+   finds it yet;
+3. ONE pointer, named by the segment's first chunk, create-only: from here on other instances
+   find the segment. Two writers starting a segment at the same chunk conflict on it; the
+   loser deletes what it wrote (manifest, layers), so a start hash resolves to exactly one
+   segment. Segments that overlap without sharing a start (a store of chunks 0..9 and one of
+   5..14) both commit; they hold the same bytes for the shared chunks (hashes are chained),
+   so a reader may use either.
+A pointer whose manifest does not exist is garbage (the manifest is written before the pointer
+and deleted after it): a writer meeting one replaces it (``commit``), and ``gc`` removes the
+ones nobody replaces. Deletion runs in the reverse order of the commit, so a concurrent
+reader sees a clean miss, never a segment whose manifest promises layers that are gone
+without noticing (a missing layer is a typed error that the read path turns into a miss or a
+loud failure, never partial data).
 """
 
 from __future__ import annotations
@@ -91,13 +98,14 @@ class SegmentStore:
         self.client.put_bytes(self.names(ns).layer_object(segment_id, layer), data)
 
     def commit(self, manifest: Manifest, *, create_only: bool = True) -> int:
-        """Manifest, then pointers; returns how many pointers were written.
+        """Manifest, then the start pointer; returns how many pointers were written (0 or 1).
 
-        Raises PreconditionFailed (after cleaning up) when another writer already owns one of
-        the chunks, and StorageError when the manifest could not be written (then nothing is
+        Raises PreconditionFailed (after cleaning up) when another segment already starts at
+        this chunk, and StorageError when the manifest could not be written (then nothing is
         committed). Once the manifest is down the segment is committed: a pointer that cannot
-        be written only makes its chunk (and the ones after it) unfindable for other
-        instances, so it ends the commit early instead of undoing it.
+        be written only hides it from other instances (this one knows it from memory; ``gc``
+        collects it as unreferenced once past the grace period), so it ends the commit
+        instead of undoing it.
         """
         names = self.names(manifest.namespace)
         sid = manifest.segment_id
@@ -110,39 +118,78 @@ class SegmentStore:
             # try whose response was lost: the write landed, the retry met it.
             if not self._holds(mkey, body):
                 raise
-        written: list[str] = []
-        for i, (h, t) in enumerate(zip(manifest.chunk_hashes, manifest.chunk_tokens)):
-            key = names.pointer_object(h)
+        pointer = Pointer.of(manifest)
+        key = names.pointer_object(pointer.chunk_hash)
+        try:
+            self._put_pointer(manifest.namespace, key, pointer, create_only)
+        except PreconditionFailed:
+            log.info("segment %s lost a commit race on its first chunk; removing it", sid)
+            self._delete_quietly([mkey] + [names.layer_object(sid, l) for l in range(manifest.num_layers)])
+            raise
+        except StorageError as exc:
+            log.warning("segment %s is committed but its pointer was not written (%s); other "
+                        "instances will not find it", sid, exc)
+            return 0
+        return 1
+
+    def _put_pointer(self, ns: Namespace, key: str, pointer: Pointer, create_only: bool) -> None:
+        """Create-only PUT of a start pointer; PreconditionFailed when a live segment holds it.
+
+        An existing pointer is ours (a retry whose first response was lost), a live segment's
+        (we lost the race), or garbage: its manifest is gone (deleted by hand or by a lifecycle
+        rule; our own deletion removes pointers first). Garbage is replaced, once: left in
+        place it would make every store of this prefix lose its commit until ``gc`` ran.
+        S3 has no conditional delete, so two writers replacing the same garbage pointer at
+        once can each delete it and the later delete may remove the pointer the other just
+        created: that segment is then unreferenced (a duplicate ``gc`` collects), never a
+        pointer to wrong data, because a reader checks the manifest's first chunk.
+        """
+        body = pointer.encode()
+        for attempt in range(2):
             try:
-                self.client.put_bytes(key, Pointer(h, sid, i, t).encode(), create_only=create_only)
+                self.client.put_bytes(key, body, create_only=create_only)
+                return
             except PreconditionFailed:
-                if self._pointer_names(manifest.namespace, h, sid):
-                    written.append(key)  # ours, from a try whose response was lost
-                    continue
-                log.info("segment %s lost a commit race on chunk %d; removing it", sid, i)
-                self._delete_quietly(written + [mkey]
-                                     + [names.layer_object(sid, l) for l in range(manifest.num_layers)])
-                raise
-            except StorageError as exc:
-                log.warning("segment %s is committed but only %d of %d chunk pointers were written (%s); "
-                            "other instances find only that prefix", sid, len(written),
-                            manifest.num_chunks, exc)
-                return len(written)
-            written.append(key)
-        return len(written)
+                state = self._pointer_state(ns, pointer)
+                if state == "ours":
+                    return  # from a try whose response was lost
+                if state == "live" or attempt:
+                    raise
+            if state == "garbage":
+                log.info("replacing the pointer of chunk %016x: the segment it names has no manifest",
+                         pointer.chunk_hash & ((1 << 64) - 1))
+                self.client.delete(key)
+        raise AssertionError("unreachable: the second attempt returns or raises")
+
+    def _pointer_state(self, ns: Namespace, pointer: Pointer) -> str:
+        """What holds ``pointer``'s key: "ours", "gone" (deleted since), "garbage" (its
+        segment's manifest is provably absent) or "live" (anything else, errors included:
+        a pointer is only replaced on proof)."""
+        try:
+            existing = self.read_pointer(ns, pointer.chunk_hash)
+        except (FormatError, StorageError):
+            return "live"
+        if existing is None:
+            return "gone"
+        if existing.segment_id == pointer.segment_id:
+            return "ours"
+        return "live" if self._manifest_exists(ns, existing.segment_id) else "garbage"
+
+    def _manifest_exists(self, ns: Namespace, segment_id: str) -> bool:
+        """False only when the manifest is provably absent: an error is no proof."""
+        try:
+            self.client.head(self.names(ns).manifest_object(segment_id))
+        except ObjectNotFound:
+            return False
+        except StorageError:
+            return True
+        return True
 
     def _holds(self, key: str, body: bytes) -> bool:
         try:
             return self.client.get_bytes(key, MAX_MANIFEST_BYTES) == body
         except StorageError:
             return False
-
-    def _pointer_names(self, ns: Namespace, chunk_hash: int, segment_id: str) -> bool:
-        try:
-            p = self.read_pointer(ns, chunk_hash)
-        except (FormatError, StorageError):
-            return False
-        return p is not None and p.segment_id == segment_id
 
     def write_segment(self, ns: Namespace, chunk_hashes: Sequence[int], chunk_tokens: Sequence[int],
                       token_shape: Sequence[int], layers: Sequence, *, segment_id: str | None = None,
@@ -172,6 +219,8 @@ class SegmentStore:
         return Manifest.decode(data, expect=ns, expect_segment=segment_id)
 
     def read_pointer(self, ns: Namespace, chunk_hash: int) -> Pointer | None:
+        """The pointer of the segment starting at this chunk; None when no segment does (which
+        includes every chunk in the middle of a segment)."""
         try:
             data = self.client.get_bytes(self.names(ns).pointer_object(chunk_hash), MAX_POINTER_BYTES)
         except ObjectNotFound:
@@ -254,18 +303,18 @@ class SegmentStore:
         return Manifest.decode(self.client.get_bytes(key, MAX_MANIFEST_BYTES), expect_segment=parsed.ident)
 
     def delete_segment(self, manifest: Manifest) -> int:
-        """Pointers (only those still naming this segment), manifest, then layer objects."""
+        """Start pointer (only if it still names this segment), manifest, then layer objects."""
         names = self.names(manifest.namespace)
         sid = manifest.segment_id
         deleted = 0
-        for h in manifest.chunk_hashes:
-            try:
-                p = self.read_pointer(manifest.namespace, h)
-            except (FormatError, StorageError):
-                p = None
-            if p is not None and p.segment_id == sid:
-                self.client.delete(names.pointer_object(h))
-                deleted += 1
+        start = manifest.chunk_hashes[0]
+        try:
+            p = self.read_pointer(manifest.namespace, start)
+        except (FormatError, StorageError):
+            p = None
+        if p is not None and p.segment_id == sid:
+            self.client.delete(names.pointer_object(start))
+            deleted += 1
         self.client.delete(names.manifest_object(sid))
         layer_keys = [names.layer_object(sid, l) for l in range(manifest.num_layers)]
         self.client.delete_many(layer_keys)
