@@ -69,13 +69,16 @@ def test_request_counts_hand_worked_100_chunks():
     # (8 parts of 8 MiB) and 36 MiB (5 parts).
     pl = planner.plan(L8B, context_tokens=100 * 256, new_tokens=256)
     ours, cl, tm = (pl.layouts[k] for k in ("segments", "chunk_layer", "token_major"))
+    # Format v2: one pointer per segment (at its first chunk); a cold lookup still GETs the
+    # pointer of every chunk it does not know (one parallel round) + one manifest per segment.
     assert ours.detail == {
-        "segments": 2, "layer_objects": 64, "manifests": 2, "pointers": 100, "chunks": 100,
+        "segments": 2, "layer_objects": 64, "manifests": 2, "pointers": 2, "chunks": 100,
+        "lookup_pointer_gets": 100, "lookup_manifest_gets": 2,
     }
-    assert ours.objects == ours.put_requests == 64 + 2 + 100
+    assert ours.objects == ours.put_requests == 64 + 2 + 2
     assert ours.get_requests_data == 32 * (8 + 5)
     assert ours.get_requests_lookup == 100 + 2
-    assert pl.put_requests == 166 and pl.get_requests == 416 + 102
+    assert pl.put_requests == 68 and pl.get_requests == 416 + 102
 
     def counts(lp):
         return lp.objects, lp.put_requests, lp.get_requests_data, lp.get_requests_lookup
@@ -92,7 +95,7 @@ def test_request_counts_with_smaller_stores():
     pl = planner.plan(L8B, context_tokens=25_600, new_tokens=256, layout=LayoutSpec(store_tokens=4096))
     ours = pl.ours
     assert ours.detail["segments"] == 7
-    assert ours.put_requests == 7 * 32 + 7 + 100
+    assert ours.put_requests == 7 * 32 + 7 + 7
     assert ours.get_requests_data == 32 * (6 * 2 + 1)
 
 
@@ -380,3 +383,34 @@ def test_cli_bad_input_exits_2(argv, message, capsys):
 
 def test_cli_registers_the_operator_commands():
     assert {"plan", "inspect", "gc", "server", "bench"} <= set(cli.all_commands())
+
+
+def test_one_million_tokens_of_8b_store_in_under_2200_puts():
+    """Format v2's point: pointers were 2/3 of a store's PUTs (a pointer per chunk)."""
+    pl = planner.plan(L8B, context_tokens=1_000_000, new_tokens=256)
+    d = pl.ours.detail
+    assert (d["chunks"], d["segments"]) == (3907, 62)  # 61 full segments of 64 chunks + 3 chunks
+    assert pl.put_requests == 62 * 32 + 62 + 62 == 2108 <= 2200
+
+
+# --- the staging budget ---------------------------------------------------------------------
+
+
+def test_staging_budget_covers_the_latency_tail_and_grows_with_jitter(capsys):
+    # 1,024 tokens of 8B (4 MiB layers) over a 4.4 Gbps link (7.6 ms a layer) at 50 +- 20 ms,
+    # a short step: a layer is in flight up to 50 + 20 + 7.6 ms while one leaves every 7.6 ms
+    link = LinkSpec(bandwidth_gbps=4.4, latency_ms=50, jitter_ms=20)
+    p = planner.plan(L8B, context_tokens=1024, new_tokens=16, link=link)
+    layer = 1024 * 4096
+    step = layer / link.bytes_per_s
+    assert p.staging_budget_bytes == (math.ceil((0.070 + step) / step) + 1) * layer
+    steady = planner.plan(L8B, context_tokens=1024, new_tokens=16, link=replace(link, jitter_ms=0))
+    assert steady.staging_budget_bytes < p.staging_budget_bytes <= 32 * layer
+    assert p.to_dict()["staging_budget_bytes"] == p.staging_budget_bytes
+    assert planner.plan(L8B, context_tokens=0, new_tokens=16, link=link).staging_budget_bytes == 0
+    with pytest.raises(PlannerError, match="jitter"):
+        LinkSpec(jitter_ms=-1)
+    assert cli.main(["plan", "--model", "llama-3.1-8b", "--context", "1024", "--new-tokens", "16",
+                     "--bandwidth-gbps", "4.4", "--latency-ms", "50", "--jitter-ms", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "50 ± 20 ms first byte" in out and "staging budget needed    48.00 MiB" in out

@@ -10,7 +10,13 @@ import time
 import pytest
 
 from lmcache_s3layer.cache.index import Location
-from lmcache_s3layer.cache.prefetch import Prefetcher, _scatter, adaptive_depth
+from lmcache_s3layer.cache.prefetch import (
+    LatencyWindow,
+    Prefetcher,
+    _scatter,
+    adaptive_depth,
+    staging_budget_needed,
+)
 from lmcache_s3layer.config import S3LayerConfig
 from lmcache_s3layer.errors import ObjectNotFound, RetrievalFailed
 from lmcache_s3layer.format.checksum import crc32c
@@ -310,6 +316,68 @@ def test_adaptive_depth_rule():
     assert adaptive_depth(1 << 20, 0.05, 1e9, 0.001, 32) == 32
     # compute-bound: fetch 2 ms vs 10 ms per layer -> one layer ahead suffices
     assert adaptive_depth(1 << 20, 0.001, 1e9, 0.010, 32) == 2
+
+
+class SlowClient(FakeClient):
+    """Every GET takes ``delay`` seconds: a fetch-bound pipeline."""
+
+    def __init__(self, delay: float):
+        super().__init__()
+        self.delay = delay
+
+    def get_range_into(self, key, start, out):
+        time.sleep(self.delay)
+        return super().get_range_into(key, start, out)
+
+
+def test_a_fetch_bound_consumer_is_timed_by_its_own_work_not_its_waits():
+    # 30 ms per GET, 1 ms of work per layer, depth 1: the consumer waits ~30 ms per layer.
+    # Its consumption interval must read ~1 ms (so the depth rule goes deep), not the ~30 ms
+    # from one ask to the next, which would keep a fetch-bound pipeline shallow for good.
+    store = SegmentStore(SlowClient(0.03), "p")
+    m, _ = make_segment(store, 6, [16])
+    pf = Prefetcher(store, budget_bytes=1 << 30, workers=4, max_depth=1)
+    try:
+        r = pf.prefetch(NS, locs(m), 6)
+        assert r is not None
+        for layer in range(6):
+            pf.get_layer(NS, layer, locs(m), 6)
+            time.sleep(0.001)
+        assert len(r.consume_intervals) >= 4
+        assert r.consume_interval is not None and r.consume_interval < 0.015, r.consume_intervals
+        # and with that, the rule asks for the whole model in flight, not two layers
+        assert adaptive_depth(r.layer_bytes, 0.03, 1e9, r.consume_interval, 32) >= 3
+    finally:
+        pf.close()
+
+
+def test_latency_window_tracks_the_tail_not_the_mean():
+    w = LatencyWindow(seed_s=0.05, size=100, quantile=0.95, every=1)
+    assert w.tail == 0.05
+    for i in range(100):
+        w.add(0.030 + 0.040 * (i % 10 == 9))  # 90% at 30 ms, 10% at 70 ms: mean 34 ms
+    assert w.tail == pytest.approx(0.070)
+    for _ in range(100):  # the window forgets: only recent samples count
+        w.add(0.010)
+    assert w.tail == pytest.approx(0.010)
+
+
+def test_staging_budget_covers_the_latency_tail_at_the_pipeline_rate():
+    mib = 1 << 20
+    # bandwidth-bound: 4 MiB layers at 400 MiB/s (10 ms each), 50 +- 20 ms: a layer is in
+    # flight up to 80 ms, one leaves every 10 ms -> 8 in flight, +1 being handed over
+    need = staging_budget_needed(layer_bytes=4 * mib, num_layers=32, link_bps=400 * mib, latency_s=0.05,
+                                 jitter_s=0.02, compute_s=0.002)
+    assert need == 9 * 4 * mib
+    # compute-bound: one layer per 20 ms paces it, so fewer layers need be in flight
+    slow = staging_budget_needed(layer_bytes=4 * mib, num_layers=32, link_bps=400 * mib, latency_s=0.05,
+                                 jitter_s=0.02, compute_s=0.02)
+    assert slow == 5 * 4 * mib
+    # jitter is paid for: the same mean latency with a wider spread needs more
+    assert staging_budget_needed(layer_bytes=4 * mib, num_layers=32, link_bps=400 * mib, latency_s=0.05,
+                                 jitter_s=0.04, compute_s=0.002) > need
+    # never more than the whole prompt
+    assert staging_budget_needed(layer_bytes=4 * mib, num_layers=4, link_bps=400 * mib, latency_s=1.0) == 16 * mib
 
 
 def test_scatter_splits_across_chunk_buffers():

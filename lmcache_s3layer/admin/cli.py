@@ -95,6 +95,9 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
                       help="bandwidth to the object store, Gbit/s (default 100)")
     link.add_argument("--latency-ms", type=non_negative_float, default=20.0,
                       help="first-byte latency, ms (default 20: S3 Standard p90)")
+    link.add_argument("--jitter-ms", type=non_negative_float, default=0.0,
+                      help="how much later than --latency-ms a slow first byte lands, ms (default 0); "
+                           "sizes the staging budget")
     link.add_argument("--stream-mbps", type=positive_float, default=planner.DEFAULT_STREAM_MBPS,
                       help="MB/s one connection sustains after the first byte (default 93)")
 
@@ -158,7 +161,7 @@ def build_plan(args: argparse.Namespace) -> planner.Plan:
     model = _model_from_args(args)
     gpu = planner.get_gpu(args.gpu, tflops=args.gpu_tflops, hbm_tbps=args.hbm_tbps,
                           hbm_gb=args.hbm_gb, efficiency=args.efficiency, count=args.gpus)
-    link = planner.LinkSpec(args.bandwidth_gbps, args.latency_ms, args.stream_mbps)
+    link = planner.LinkSpec(args.bandwidth_gbps, args.latency_ms, args.stream_mbps, args.jitter_ms)
     prices = planner.get_prices(
         args.prices, put_per_1k=args.put_per_1k, get_per_1k=args.get_per_1k,
         storage_per_gb_month=args.storage_per_gb_month, upload_per_gb=args.upload_per_gb,
@@ -187,7 +190,8 @@ def format_plan(pl: planner.Plan) -> str:
     lines = [
         f"{m.name}: {m.num_layers} layers, {m.num_kv_heads} KV heads x {m.head_dim}, "
         f"{m.effective_kv_dtype} KV | {g.count}x {g.name} at {g.efficiency:.0%} of "
-        f"{g.flops / 1e12:g} TFLOP/s | {link.bandwidth_gbps:g} Gbps, {link.latency_ms:g} ms "
+        f"{g.flops / 1e12:g} TFLOP/s | {link.bandwidth_gbps:g} Gbps, {link.latency_ms:g}"
+        f"{f' ± {link.jitter_ms:g}' if link.jitter_ms else ''} ms "
         f"first byte | {pl.prices.name}",
         f"prefix {pl.context_tokens:,} tokens cached + {pl.new_tokens:,} new",
         "",
@@ -210,6 +214,9 @@ def format_plan(pl: planner.Plan) -> str:
         f"(loading is {pl.load_vs_recompute:,.1f}x faster)",
         f"  in-flight GETs needed    {pl.concurrency_needed:,}   ({fmt_bytes(ours.mean_get_bytes, 2)} GETs at "
         f"{ours.per_stream_mbytes_per_s:,.0f} MB/s each)",
+        f"  staging budget needed    {fmt_bytes(pl.staging_budget_bytes, 2)}   "
+        f"(s3layer.staging_budget_bytes per concurrent retrieval: the layers in flight through "
+        f"the latency tail at the pipeline's rate)",
         f"  fits in HBM after load   {'yes' if pl.fits_in_hbm else 'NO'}   "
         f"(weights + KV {pl.hbm_needed_bytes / 1e9:,.1f} GB, HBM {g.hbm_bytes * g.count / 1e9:,.0f} GB)",
         "",
@@ -229,8 +236,10 @@ def format_plan(pl: planner.Plan) -> str:
     lines += [
         "",
         f"  ours: {ours.detail.get('segments', 0):,} segments x {m.num_layers} layer objects + "
-        f"manifests + {ours.detail.get('pointers', 0):,} chunk pointers; GETs include a cold "
-        "index's pointer and manifest reads",
+        f"{ours.detail.get('manifests', 0):,} manifests + {ours.detail.get('pointers', 0):,} segment-start "
+        "pointers; GETs include a cold index's lookup: one parallel round of "
+        f"{ours.detail.get('lookup_pointer_gets', 0):,} pointer GETs (one per chunk; only segment starts "
+        f"hit) + {ours.detail.get('lookup_manifest_gets', 0):,} manifest GETs",
         f"  * S3 Standard: time one partitioned prefix needs to serve the GETs at "
         f"{planner.S3_GET_PER_S_PER_PREFIX:,}/s; keys spread over k prefixes divide it by k"
         # Express directory buckets are not partitioned per prefix (anchors §5.5: ~200K GET/s
@@ -366,7 +375,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     import time
 
     from lmcache_s3layer.admin import ops
-    from lmcache_s3layer.format.objects import version_root
+    from lmcache_s3layer.format.objects import FORMAT_VERSION, version_root
 
     def body(store) -> int:
         sc = ops.scan(store, jobs=args.jobs)
@@ -386,8 +395,8 @@ def run_inspect(args: argparse.Namespace) -> int:
             progress = ops.Progress(layer_bytes, len(segments), enabled=args.progress)
             report = ops.verify(store, segments, jobs=args.jobs, progress=progress)
             problems = report.problems
-        live = sc.live_hashes()
-        orphan_ptrs = [p for p in sc.pointers if p.hash_hex not in live.get(p.ns_root, set())]
+        orphan_ptrs = sc.orphan_pointers()
+        unreferenced = sc.unreferenced()
         descs = [s.describe(now) for s in segments]
         if args.json:
             print(json.dumps({
@@ -397,8 +406,10 @@ def run_inspect(args: argparse.Namespace) -> int:
                            "tokens": sum(d.get("tokens", 0) for d in descs)},
                 "orphans": {"segment_dirs": [d.dir for d in sc.orphan_dirs],
                             "segment_dir_bytes": sum(d.size for d in sc.orphan_dirs),
-                            "pointers": [p.key for p in orphan_ptrs]},
+                            "pointers": [p.key for p in orphan_ptrs],
+                            "unreferenced_segments": [s.segment_id for s in unreferenced]},
                 "foreign_objects": len(sc.foreign),
+                "legacy": [g.to_json() for g in sc.legacy],
                 "problems": [p.to_json() for p in problems],
                 "verify": report.to_json() if report else None,
             }, indent=2))
@@ -409,12 +420,19 @@ def run_inspect(args: argparse.Namespace) -> int:
                 header = ("SEGMENT", "MODEL", "RANK", "DTYPE", "CHUNKS", "TOKENS", "LAYERS", "SIZE", "AGE")
                 for line in _table([header] + [_segment_row(d) for d in descs]):
                     print("  " + line)
-            if sc.orphan_dirs or orphan_ptrs:
+            if sc.orphan_dirs or orphan_ptrs or unreferenced:
                 print(f"orphans: {len(sc.orphan_dirs)} segment dir(s) without a manifest "
                       f"({fmt_bytes(sum(d.size for d in sc.orphan_dirs))}), {len(orphan_ptrs)} "
-                      "pointer(s) no manifest names; `gc` collects them after the grace period")
+                      f"pointer(s) naming no segment, {len(unreferenced)} segment(s) no pointer names; "
+                      "`gc` collects them after the grace period")
             if sc.foreign:
-                print(f"{len(sc.foreign)} object(s) under the prefix are not format v1 names (left alone)")
+                print(f"{len(sc.foreign)} object(s) under the prefix are not format v{FORMAT_VERSION} names "
+                      "(left alone)")
+            for g in sc.legacy:
+                print(f"legacy format v{g.version}: {len(g.objects):,} object(s), {fmt_bytes(g.bytes)} under "
+                      f"s3://{store.client.bucket}/{g.root} ({g.count('manifest'):,} segment(s), "
+                      f"{g.count('pointer'):,} pointer(s)); never read by this version, "
+                      "`gc --legacy` deletes them")
             if report is not None:
                 rate = report.bytes / report.seconds if report.seconds > 0 else 0.0
                 print(f"verified {report.segments} segment(s), {report.layers} layer object(s), "
@@ -438,12 +456,16 @@ def add_gc_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-bytes", metavar="SIZE",
                    help="then delete the oldest segments until the rest fit in SIZE (100GiB, 500GB)")
     p.add_argument("--orphan-grace", metavar="AGE", default="1h",
-                   help="collect orphans (layer objects without a manifest, pointers no manifest "
-                   "names) and damaged segments only once this old (default 1h: a writer's store "
-                   "in progress looks like an orphan until its manifest lands)")
+                   help="collect orphans (layer objects without a manifest, pointers naming a "
+                   "segment without one, segments no pointer names) and damaged segments only once "
+                   "this old (default 1h: a writer's store in progress looks like an orphan until "
+                   "its manifest and pointer land)")
     p.add_argument("--segment", action="append", default=[], metavar="ID",
                    help="also delete this segment (its id or a unique prefix of it), e.g. one that "
                    "`inspect --verify` reported corrupt; repeatable")
+    p.add_argument("--legacy", action="store_true",
+                   help="also delete every object of older formats (legacy format v1, under <prefix>/v1/: "
+                   "never read by this version); only once no engine of an older version uses the bucket")
     p.add_argument("--dry-run", action="store_true", help="print what would be deleted; delete nothing")
 
 
@@ -459,6 +481,8 @@ def _gc_line(a, dry_run: bool) -> str:
                      f"{m.namespace.dtype}, {m.total_tokens:,} tokens, {m.num_layers} layers)")
     elif a.kind == "orphan_layers":
         what = f"{a.objects} orphan object(s) of segment {a.segment.segment_id}"
+    elif a.kind == "legacy":
+        what = f"{a.objects:,} legacy format v{a.legacy.version} object(s) under {a.key}"
     else:
         what = f"orphan pointer {a.key}"
     line = f"{verb} {what}, {fmt_bytes(a.bytes)}, age {fmt_age(a.age_s)}: {a.reason}"
@@ -486,7 +510,8 @@ def run_gc(args: argparse.Namespace) -> int:
 
         try:
             rep = ops.gc(store, older_than_s=older, max_bytes=budget, orphan_grace_s=grace,
-                         dry_run=args.dry_run, jobs=args.jobs, on_action=show, segments=args.segment)
+                         dry_run=args.dry_run, jobs=args.jobs, on_action=show, segments=args.segment,
+                         legacy=args.legacy)
         except LookupError as exc:  # --segment named nothing, or several
             raise UsageError(str(exc)) from None
         if args.json:
@@ -496,8 +521,15 @@ def run_gc(args: argparse.Namespace) -> int:
             verb = "would delete" if args.dry_run else "deleted"
             print(f"gc: {verb} {s['segments']} segment(s) ({fmt_bytes(s['segment_bytes'])}), "
                   f"{s['orphan_layer_objects']} orphan layer object(s), {s['orphan_pointers']} orphan "
-                  f"pointer(s); kept {s['kept_segments']} segment(s) ({fmt_bytes(s['kept_bytes'])})"
+                  f"pointer(s)"
+                  + (f", {s['legacy_objects']:,} legacy format object(s) ({fmt_bytes(s['legacy_bytes'])})"
+                     if s["legacy_objects"] else "")
+                  + f"; kept {s['kept_segments']} segment(s) ({fmt_bytes(s['kept_bytes'])})"
                   + (f"; {s['errors']} failed" if s["errors"] else ""))
+            for g in rep.legacy_kept:
+                print(f"gc: left {len(g.objects):,} legacy format v{g.version} object(s) "
+                      f"({fmt_bytes(g.bytes)}) under {g.root}; never read by this version, "
+                      "`gc --legacy` deletes them")
         return 1 if rep.errors else 0
 
     return _run_ops(args, body)

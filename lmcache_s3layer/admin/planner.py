@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from lmcache_s3layer.cache.prefetch import staging_budget_needed
 from lmcache_s3layer.config import fmt_bytes
 from lmcache_s3layer.store.ranges import count_parts
 
@@ -415,12 +416,17 @@ class LinkSpec:
     bandwidth_gbps: float = 100.0  # §5.3's 12.5 GB/s reference point
     latency_ms: float = 20.0  # §4.1: p90 time-to-first-byte on S3 Standard
     stream_mbps: float = DEFAULT_STREAM_MBPS  # MB/s per connection after the first byte
+    # How far above ``latency_ms`` a slow first byte lands (the tail). The staging budget is
+    # sized on latency + jitter, so the pipeline keeps the link busy through slow responses.
+    jitter_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.bandwidth_gbps > 0:
             raise PlannerError(f"link bandwidth must be > 0 Gbps, got {self.bandwidth_gbps}")
         if self.latency_ms < 0:
             raise PlannerError(f"first-byte latency must be >= 0 ms, got {self.latency_ms}")
+        if self.jitter_ms < 0:
+            raise PlannerError(f"latency jitter must be >= 0 ms, got {self.jitter_ms}")
         if not self.stream_mbps > 0:
             raise PlannerError(f"per-stream throughput must be > 0 MB/s, got {self.stream_mbps}")
 
@@ -617,6 +623,7 @@ class Plan:
     recompute_ms: float
     load_vs_recompute: float
     concurrency_needed: int
+    staging_budget_bytes: int
     hbm_needed_bytes: float
     fits_in_hbm: bool
     layouts: dict[str, LayoutPlan]
@@ -689,6 +696,7 @@ class Plan:
             "recompute_ms": self.recompute_ms,
             "load_vs_recompute": self.load_vs_recompute,
             "concurrency_needed": self.concurrency_needed,
+            "staging_budget_bytes": self.staging_budget_bytes,
             "concurrency_for_link": ours.concurrency_for_link,
             "hbm_needed_bytes": self.hbm_needed_bytes,
             "fits_in_hbm": self.fits_in_hbm,
@@ -842,10 +850,11 @@ def plan(
             detail=detail or {},
         )
 
-    # Ours: per segment, one object per layer + a manifest (commit point), plus a pointer per
-    # chunk (design.md "Object layout"). Each layer of a segment is read as ranged GETs of at
-    # most part_size. Lookups on a cold index read one pointer per chunk and one manifest per
-    # segment; a warm index needs neither.
+    # Ours: per segment, one object per layer + a manifest (commit point) + one pointer at the
+    # segment's first chunk (design.md "Object layout", format v2). Each layer of a segment is
+    # read as ranged GETs of at most part_size. A lookup on a cold index reads, in one parallel
+    # round, the pointer of every chunk it does not know (a 404 for every chunk that does not
+    # start a segment) and one manifest per segment found; a warm index needs neither.
     layer_objects = n_segments * L
     ours_data_gets = sum(count * L * count_parts(tokens * bpt, layout.part_size) for count, tokens in segments)
     largest_segment = max((tokens for _, tokens in segments), default=0) * bpt
@@ -857,9 +866,9 @@ def plan(
     ours = layout_plan(
         "segments",
         "layer-major segments (this package): one object per (segment, layer) + manifest + "
-        "chunk pointers; ranged GETs of part_size",
-        objects=layer_objects + n_segments + chunks,
-        puts=layer_objects + n_segments + chunks,
+        "a pointer at the segment's first chunk; ranged GETs of part_size",
+        objects=layer_objects + 2 * n_segments,
+        puts=layer_objects + 2 * n_segments,
         data_gets=ours_data_gets,
         lookup_gets=chunks + n_segments,
         largest=largest_segment,
@@ -868,8 +877,10 @@ def plan(
             "segments": n_segments,
             "layer_objects": layer_objects,
             "manifests": n_segments,
-            "pointers": chunks,
+            "pointers": n_segments,
             "chunks": chunks,
+            "lookup_pointer_gets": chunks,
+            "lookup_manifest_gets": n_segments,
         },
     )
     # Per-(chunk, layer) objects, the naive layer-major reading (§0.2, "key explosion").
@@ -932,6 +943,11 @@ def plan(
         recompute_ms=recompute * 1e3,
         load_vs_recompute=recompute / ttft,
         concurrency_needed=concurrency,
+        # s3layer.staging_budget_bytes for one retrieval to run at its pipeline's rate
+        # through the latency tail (the prefetcher's own rule, cache/prefetch.py).
+        staging_budget_bytes=staging_budget_needed(
+            layer_bytes=bytes_per_layer, num_layers=L, link_bps=bw, latency_s=latency,
+            jitter_s=link.jitter_ms / 1e3, compute_s=t_layer) if P else 0,
         hbm_needed_bytes=hbm_needed,
         fits_in_hbm=hbm_needed <= gpu.hbm_bytes * gpu.count,
         layouts={"segments": ours, "chunk_layer": chunk_layer, "token_major": token_major},

@@ -31,6 +31,7 @@ A layer is handed out whole and verified, or the call raises ``RetrievalFailed``
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import logging
@@ -81,6 +82,45 @@ def adaptive_depth(layer_bytes: int, ttfb_s: float, bandwidth_bps: float, consum
         return cap
     fetch_s = ttfb_s + (layer_bytes / bandwidth_bps if bandwidth_bps > 0 else 0.0)
     return max(1, min(cap, math.ceil(fetch_s / consume_interval_s) + 1))
+
+
+class LatencyWindow:
+    """The ``quantile`` of the last ``size`` first-byte latencies, recomputed every few samples
+    (it is read under the prefetcher's lock at every admission)."""
+
+    def __init__(self, seed_s: float, size: int = 128, quantile: float = 0.95, every: int = 8):
+        self._samples: collections.deque[float] = collections.deque(maxlen=size)
+        self._quantile = quantile
+        self._every = every
+        self._since = 0
+        self.tail = seed_s
+
+    def add(self, seconds: float) -> None:
+        self._samples.append(seconds)
+        self._since += 1
+        if self._since >= self._every or len(self._samples) <= self._every:
+            self._since = 0
+            ordered = sorted(self._samples)
+            self.tail = ordered[min(len(ordered) - 1, int(self._quantile * len(ordered)))]
+
+
+def staging_budget_needed(*, layer_bytes: int, num_layers: int, link_bps: float, latency_s: float,
+                          jitter_s: float = 0.0, compute_s: float = 0.0) -> int:
+    """Staging bytes that let one retrieval run at its pipeline's rate through the latency tail.
+
+    Little's law: layers in flight = rate x time each spends in flight. The rate is one layer
+    per max(compute, layer transfer) (whichever is slower paces the pipeline); a layer is in
+    flight from admission until consumed, at worst the tail latency plus its transfer. Sized
+    on the tail (latency + jitter), not the mean: sized on the mean, every slow response
+    stalls the link until it lands, and the latency is paid again at each stall. One more
+    layer covers the one being handed over. Never more than the whole prompt.
+    """
+    if layer_bytes <= 0 or num_layers <= 0:
+        return 0
+    transfer = layer_bytes / link_bps if link_bps > 0 else 0.0
+    step = max(compute_s, transfer, 1e-6)
+    in_flight = (latency_s + jitter_s + transfer) / step
+    return min(num_layers, math.ceil(in_flight) + 1) * layer_bytes
 
 
 class JobState(Enum):
@@ -150,7 +190,12 @@ class Retrieval:
         # look-up-time fetch nobody consumes is bounded by the idle expiry instead.
         self.deadline: float | None = None
         self.deadline_s = deadline_s
+        # The consumer's own time per layer: from handing layer i out to its ask for layer
+        # i+1. Not ask-to-ask: that includes the waits, so a fetch-bound consumer would look
+        # slow, the depth rule would answer "shallow", and the pipeline would stay fetch-bound
+        # at a depth of two, paying the latency on every other layer.
         self.consume_intervals: list[float] = []
+        self.last_handout: float | None = None
         self.runs = plan_runs(self.locations)
         tokens = [loc.tokens for loc in self.locations]
         self.chunk_tokens = tokens
@@ -215,6 +260,10 @@ class Prefetcher:
         self._interest = interest
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
+        # Workers wait apart from consumers and are woken a few at a time: one notify_all
+        # per arriving part would make every one of dozens of workers runnable at once, and
+        # the forward pass's thread would then queue behind them for the GIL (5 ms a turn).
+        self._work_cv = threading.Condition(self._lock)
         self._retrievals: dict[int, Retrieval] = {}
         self._holders: dict[tuple[Namespace, int], list[tuple[Retrieval, int]]] = {}
         self._waits: dict[int, _Wait] = {}  # by arrival, oldest first
@@ -222,8 +271,10 @@ class Prefetcher:
         self._staged_bytes = 0
         self._queue: list[tuple[tuple, int, Any]] = []
         self._seq = itertools.count()
-        # EWMAs for the depth rule; seeded pessimistically so the first estimate is deep.
-        self._ttfb = 0.05
+        # For the depth rule: the tail of recent first-byte latencies (a mean would size the
+        # pipeline for the typical response and stall on every slow one) and an EWMA of the
+        # per-request body rate; seeded pessimistically so the first estimate is deep.
+        self._ttfb = LatencyWindow(seed_s=0.05)
         self._bw = 200e6
         self._closed = False
         self._workers = [threading.Thread(target=self._worker, name=f"s3layer-get-{i}", daemon=True)
@@ -247,7 +298,7 @@ class Prefetcher:
             if not rs:
                 return 0
             r = rs[-1]
-            return adaptive_depth(r.layer_bytes, self._ttfb, self._bw, r.consume_interval, r.num_layers,
+            return adaptive_depth(r.layer_bytes, self._ttfb.tail, self._bw, r.consume_interval, r.num_layers,
                                   self.max_depth)
 
     def active(self) -> int:
@@ -317,8 +368,9 @@ class Prefetcher:
                 for r in involved:
                     if r.deadline is None:
                         r.deadline = now + r.deadline_s
-                    if r.waiting_layer != layer and r.taken_upto >= 0 and layer > r.taken_upto:
-                        r.consume_intervals.append(now - r.last_take)
+                    if (r.waiting_layer != layer and r.last_handout is not None and r.taken_upto >= 0
+                            and layer > r.taken_upto):
+                        r.consume_intervals.append(max(0.0, now - r.last_handout))
                     r.waiting_layer = layer
                     r.last_take = now
                 self._set_wait_jobs_locked(wait, [r.jobs[layer] for r in involved])
@@ -367,9 +419,11 @@ class Prefetcher:
             r.takers[slot] = max(r.takers[slot], job.takes[slot])
             if self._awaited_locked(job, slot, wanted):
                 self._keep_copy_locked(job, slot)
+        handout = self.clock()
         for r in involved:
             r.waiting_layer = None
             r.taken_upto = max(r.taken_upto, layer)
+            r.last_handout = handout
         self._set_wait_jobs_locked(wait, [])  # retires what no one else will take
         self._admit_locked()
         return out
@@ -454,6 +508,7 @@ class Prefetcher:
             for r in list(self._retrievals.values()):
                 self._cancel_locked(r)
             self._cv.notify_all()
+            self._work_cv.notify_all()
         for w in self._workers:
             w.join(timeout=5)
         self._janitor.join(timeout=5)
@@ -520,7 +575,7 @@ class Prefetcher:
         # 2) Read-ahead in strict priority: nothing later jumps ahead of a layer that does not fit.
         for r in order:
             base = r.taken_upto + 1
-            k = adaptive_depth(r.layer_bytes, self._ttfb, self._bw, r.consume_interval, r.num_layers,
+            k = adaptive_depth(r.layer_bytes, self._ttfb.tail, self._bw, r.consume_interval, r.num_layers,
                                self.max_depth)
             for layer in range(base, min(r.num_layers, base + k)):
                 ahead = r.jobs.get(layer)
@@ -625,7 +680,7 @@ class Prefetcher:
         for part, dests in parts:
             prio = (r.id, job.layer)
             heapq.heappush(self._queue, (prio, next(self._seq), (job, job.generation, part, dests)))
-        self._cv.notify_all()
+        self._work_cv.notify(len(parts))
 
     def _release_job_locked(self, job: _LayerJob) -> None:
         for h in job.handles:
@@ -681,7 +736,7 @@ class Prefetcher:
         while True:
             with self._lock:
                 while not self._queue and not self._closed:
-                    self._cv.wait()
+                    self._work_cv.wait()
                 if self._closed and not self._queue:
                     return
                 _, _, (job, gen, part, dests) = heapq.heappop(self._queue)
@@ -767,7 +822,7 @@ class Prefetcher:
 
     def _observe(self, ttfb: float, nbytes: int, elapsed: float) -> None:
         a = 0.2
-        self._ttfb = (1 - a) * self._ttfb + a * ttfb
+        self._ttfb.add(ttfb)
         body = elapsed - ttfb
         if body > 1e-4 and nbytes > 256 * 1024:
             self._bw = (1 - a) * self._bw + a * (nbytes / body)
@@ -792,8 +847,6 @@ class Prefetcher:
 
 # How many GETs the head layer is split into at most (parts never below head_part_bytes).
 _HEAD_SPLIT = 8
-
-
 def _worth_retrying(error: Exception) -> bool:
     if isinstance(error, CorruptObject):
         return True

@@ -169,7 +169,14 @@ class ProxyProcess:
             return self._read(10.0)
 
     def set_delay(self, ms: float) -> None:
-        self.command(op="delay", ms=ms)
+        self.set_conditions(ms)
+
+    def set_conditions(self, latency_ms: float, jitter_ms: float = 0.0, cap_bps: float | None = None) -> None:
+        """First-byte latency +- uniform jitter per response, and one download cap shared by
+        both listeners (a host's link, not a port's)."""
+        reply = self.command(op="conditions", ms=latency_ms, jitter_ms=jitter_ms, cap_bps=cap_bps)
+        if not reply.get("ok"):
+            raise RuntimeError(f"latency proxy refused the conditions: {reply}")
 
     def stats(self) -> dict:
         return self.command(op="stats")
@@ -189,15 +196,17 @@ class ProxyProcess:
 
 def _serve_proxies(argv: Sequence[str]) -> int:
     """Child-process side of ``ProxyProcess``."""
-    from lmcache_s3layer.testing.proxy import LatencyProxy
+    from lmcache_s3layer.testing.proxy import LatencyProxy, TokenBucket
 
     p = argparse.ArgumentParser(prog="python -m lmcache_s3layer.testing.bench serve-proxy")
     p.add_argument("--upstream-port", type=int, required=True)
     p.add_argument("--delay-ms", type=float, default=0.0)
     args = p.parse_args(argv)
+    link = TokenBucket()
     proxies = {
-        "path": LatencyProxy("127.0.0.1", args.upstream_port, listen_host=PATH_LISTEN, delay_ms=args.delay_ms),
-        "vhost": LatencyProxy("127.0.0.1", args.upstream_port, listen_host=VHOST_LISTEN, delay_ms=args.delay_ms),
+        name: LatencyProxy("127.0.0.1", args.upstream_port, listen_host=host, delay_ms=args.delay_ms,
+                           seed=i, total_bucket=link)
+        for i, (name, host) in enumerate((("path", PATH_LISTEN), ("vhost", VHOST_LISTEN)))
     }
     for px in proxies.values():
         px.start()
@@ -211,9 +220,11 @@ def _serve_proxies(argv: Sequence[str]) -> int:
         for line in sys.stdin:
             cmd = json.loads(line)
             op = cmd.get("op")
-            if op == "delay":
+            if op == "conditions":
+                cap = cmd.get("cap_bps")
                 for px in proxies.values():
-                    px.set_delay(float(cmd["ms"]))
+                    px.set_delay(float(cmd["ms"]), float(cmd.get("jitter_ms") or 0.0))
+                    px.set_bandwidth(None, float(cap) if cap else None)
                 reply({"ok": True})
             elif op == "stats":
                 total: dict[str, int | float] = {}
@@ -305,6 +316,9 @@ class Testbed:
 
     def set_delay(self, ms: float) -> None:
         self._live_proxy().set_delay(ms)
+
+    def set_conditions(self, latency_ms: float, jitter_ms: float = 0.0, cap_bps: float | None = None) -> None:
+        self._live_proxy().set_conditions(latency_ms, jitter_ms, cap_bps)
 
     def responses(self) -> int:
         """Responses the proxy has started (both listeners): one per S3 request."""
@@ -649,26 +663,67 @@ _T0 = time.monotonic()
 _STUCK_ENGINE = False
 
 
+@dataclass(frozen=True)
+class Case:
+    """One row of the matrix: per-layer compute, first-byte latency +- uniform jitter (drawn
+    per response), and an aggregate download cap for the host (None: loopback, uncapped)."""
+
+    name: str
+    compute_ms: float
+    latency_ms: float
+    jitter_ms: float = 0.0
+    cap_mib_s: float | None = None
+
+    @property
+    def label(self) -> str:
+        lat = f"{self.latency_ms:g}" + (f" ± {self.jitter_ms:g}" if self.jitter_ms else "") + " ms"
+        link = f"{self.cap_mib_s:g} MiB/s cap" if self.cap_mib_s else "loopback"
+        return f"t_c {self.compute_ms:g} ms, latency {lat}, {link}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "label": self.label, "compute_ms": self.compute_ms,
+                "latency_ms": self.latency_ms, "jitter_ms": self.jitter_ms, "cap_mib_s": self.cap_mib_s}
+
+
+# Bandwidth-bound rows are where a short model step meets a long prompt (the fetch cannot hide,
+# so TTFT is the transfer); compute-bound rows are where it must hide entirely.
+MATRIX = (
+    Case("bandwidth_bound", 2, 50, 20),
+    Case("bandwidth_bound_capped", 2, 50, 20, 200),
+    Case("mixed_capped", 10, 100, 40, 400),
+    Case("compute_bound", 20, 50, 20),
+    Case("compute_bound_slow", 20, 100, 40),
+)
+QUICK_CASES = ("bandwidth_bound", "compute_bound")
+BANDWIDTH_BOUND = ("bandwidth_bound", "bandwidth_bound_capped")
+COMPUTE_BOUND = ("compute_bound", "compute_bound_slow")
+
+
 def progress(msg: str) -> None:
     """Progress goes to stderr so ``--json`` output on stdout stays one clean object."""
     print(f"[{time.monotonic() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
+    names = [c.name for c in MATRIX]
     p.add_argument("--quick", action="store_true",
-                   help="one latency (50 ms), one repeat, 512 tokens: under a minute on 2 cores")
+                   help=f"rows {', '.join(QUICK_CASES)}, one repeat, 512 tokens: about a minute on 2 cores")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object on stdout (the table and progress go to stderr)")
+    p.add_argument("--cases", nargs="+", choices=names, default=None,
+                   help=f"rows of the matrix to run (default: all: {' '.join(names)})")
     p.add_argument("--latency-ms", type=float, nargs="+", default=None,
-                   help="injected first-byte latencies (default: 50 with --quick, else 0 20 50 100)")
-    p.add_argument("--compute-ms", type=float, default=20.0,
-                   help="simulated compute per layer, t_c (default 20)")
+                   help="instead of the matrix: one custom row per first-byte latency given")
+    p.add_argument("--jitter-ms", type=float, default=0.0, help="custom rows: +- uniform jitter (default 0)")
+    p.add_argument("--cap-mib-s", type=float, default=None, help="custom rows: aggregate download cap")
+    p.add_argument("--compute-ms", type=float, default=20.0, help="custom rows: compute per layer (default 20)")
     p.add_argument("--tokens", type=int, default=None,
                    help="cached prefix tokens, a multiple of 256 (default 512 with --quick, else 1024)")
-    p.add_argument("--budget-layers", type=float, default=8.0,
-                   help="staging budget, in layers of this prompt (default 8 of 32)")
+    p.add_argument("--budget-layers", type=float, default=None,
+                   help="staging budget in layers of this prompt (default: what `plan` recommends for the "
+                        "worst row, at least 8 of 32)")
     p.add_argument("--repeats", type=int, default=None,
-                   help="runs per variant and latency; the median TTFT is reported (default 1 quick, else 3)")
+                   help="runs per variant and row; the median TTFT is reported (default 1 quick, else 3)")
     p.add_argument("--gap-ms", type=float, default=0.0,
                    help="scheduler gap between lookup and the first retrieve step (default 0)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
@@ -679,13 +734,20 @@ def add_pipeline_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: benchmarks/results, or a temporary directory with --quick)")
 
 
-def measure_bandwidth(bed: Testbed, bucket: str, prefix: str, part_size: int, concurrency: int,
-                      repeats: int = 2) -> tuple[float, int]:
-    """(bytes/s, bytes) of plain boto3 ranged GETs of every layer object, through the proxy
-    with no injected latency: the link the bound's ``bytes/BW`` term is about. Best of
-    ``repeats``, so the bound stays a lower bound on a noisy machine."""
+def select_cases(args: argparse.Namespace) -> list[Case]:
+    if args.latency_ms:
+        return [Case(f"custom_{lat:g}ms", args.compute_ms, lat, args.jitter_ms, args.cap_mib_s)
+                for lat in args.latency_ms]
+    wanted = args.cases or (QUICK_CASES if args.quick else [c.name for c in MATRIX])
+    return [c for c in MATRIX if c.name in wanted]
+
+
+def measure_bandwidth(bed: Testbed, bucket: str, objs: Sequence[tuple[str, int]], part_size: int,
+                      concurrency: int, repeats: int = 2) -> tuple[float, int]:
+    """(bytes/s, bytes) of plain boto3 ranged GETs of ``objs`` ((key, size) pairs), through
+    the proxy with no injected latency: the link the bound's ``bytes/BW`` term is about. Best
+    of ``repeats``, so the bound stays a lower bound on a noisy machine."""
     client = bed.boto_client(max_pool_connections=max(10, concurrency))
-    objs = layer_objects(client, bucket, prefix)
     ranges = split_ranges([(k, 0, n) for k, n in objs], part_size)
     total = sum(r[2] for r in ranges)
     best = min(ranged_get_seconds(client, bucket, ranges, min(concurrency, len(ranges))) for _ in range(repeats))
@@ -708,10 +770,13 @@ def _plugin_run(bed: Testbed, engine, prompt: Prompt, compute_s: float, gap_s: f
             span[0] = min(span[0], ev.t)
         elif ev.kind == "staged":
             span[1] = max(span[1], ev.t)
+    spans = list(fetch.values())
     return {
         "tl": tl, "requests": requests, "bytes": stats.bytes_fetched, "prefetch_gets": stats.gets,
         "peak_staging_bytes": stats.peak_staging_bytes, "layers_evicted": stats.layers_evicted,
         "fetch": [(l, a, b) for l, (a, b) in sorted(fetch.items())],
+        # first admission to last verified layer: the transfer, comparable with raw GETs
+        "fetch_s": (max(b for _, b in spans) - min(a for a, _ in spans)) if spans else 0.0,
     }
 
 
@@ -725,6 +790,7 @@ def _stock_run(bed: Testbed, engine, prompt: Prompt, compute_s: float, gap_s: fl
         # A blocking retrieve holds every layer of every chunk in CPU memory before compute.
         "peak_staging_bytes": nbytes,
         "fetch": [(l, tl.retrieve_start, tl.retrieve_end) for l in range(shape.num_layers)],
+        "fetch_s": tl.retrieve_end - tl.retrieve_start,
     }
 
 
@@ -765,11 +831,14 @@ def _summarize(runs: list[dict], bound_ms: float) -> dict:
         "exposed_ms": round(ttft - bound_ms, 2),
         "gets": r["requests"],
         "bytes": r["bytes"],
-        "peak_staging_bytes": r["peak_staging_bytes"],
+        "peak_staging_bytes": max(x["peak_staging_bytes"] for x in runs),
         "retrieved_tokens": tl.retrieved_tokens,
+        "kv_equal": all(x["kv_equal"] for x in runs),
         "ttft_ms_all": [round(x["tl"].ttft_s * 1000.0, 2) for x in runs],
         # the least disturbed run: on a shared machine, co-tenants only ever add time
         "exposed_ms_min": round(runs[0]["tl"].ttft_s * 1000.0 - bound_ms, 2),
+        **({"fetch_ms": round(sorted(x["fetch_s"] for x in runs)[len(runs) // 2] * 1000.0, 2)}
+           if "fetch_s" in r else {}),
         **({"layers_evicted": r["layers_evicted"]} if "layers_evicted" in r else {}),
         "timeline": {
             "fetch": [[l, ms(a), ms(b)] for l, a, b in r["fetch"]],
@@ -778,35 +847,63 @@ def _summarize(runs: list[dict], bound_ms: float) -> dict:
     }
 
 
+def bound_ms(case: Case, shape: KVShape, kv_bytes: int, link_bps: float) -> float:
+    """max(layers x compute, latency + bytes / link): no layerwise load can beat either term."""
+    return max(shape.num_layers * case.compute_ms, case.latency_ms + kv_bytes / link_bps * 1000.0)
+
+
+def default_budget_layers(cases: Sequence[Case], shape: KVShape, tokens: int, link_bps: float) -> float:
+    """The staging budget ``plan`` recommends for the most demanding row, in layers (>= 8)."""
+    from lmcache_s3layer.cache.prefetch import staging_budget_needed
+
+    layer_bytes = shape.layer_bytes(tokens)
+    need = max(staging_budget_needed(layer_bytes=layer_bytes, num_layers=shape.num_layers,
+                                     link_bps=min(link_bps, (c.cap_mib_s or math.inf) * MIB),
+                                     latency_s=c.latency_ms / 1e3, jitter_s=c.jitter_ms / 1e3,
+                                     compute_s=c.compute_ms / 1e3) for c in cases)
+    return max(8.0, math.ceil(need / layer_bytes))
+
+
 def run_pipeline_benchmark(args: argparse.Namespace) -> dict:
     shape = LLAMA_31_8B
-    latencies = args.latency_ms or ([50.0] if args.quick else [0.0, 20.0, 50.0, 100.0])
+    cases = select_cases(args)
+    if not cases:
+        raise ValueError("no rows selected")
     tokens = args.tokens or (512 if args.quick else 1024)
     if tokens <= 0 or tokens % shape.chunk_size:
         raise ValueError(f"--tokens must be a positive multiple of {shape.chunk_size}")
     repeats = max(1, args.repeats or (1 if args.quick else 3))
-    compute_s, gap_s = args.compute_ms / 1000.0, args.gap_ms / 1000.0
+    gap_s = args.gap_ms / 1000.0
     layer_bytes, kv_bytes = shape.layer_bytes(tokens), shape.kv_bytes(tokens)
-    budget = int(args.budget_layers * layer_bytes)
-    # The pool holds a store's copy of the whole prompt plus the staging budget (LMCache
-    # allocates every layer of a store up front); the plugin caps its budget at 3/4 of it.
-    pool_gb = math.ceil((2 * kv_bytes + 2 * budget) / (128 * MIB)) / 8
     variants = [v for v in VARIANTS if v in args.variants]
     result: dict[str, Any] = {
         "model_kv_shape": {"model": shape.model_name, "layers": shape.num_layers, "kv_heads": shape.num_kv_heads,
                            "head_size": shape.head_size, "dtype": shape.dtype},
-        "tokens": tokens, "layer_bytes": layer_bytes, "kv_bytes": kv_bytes, "compute_ms": args.compute_ms,
-        "gap_ms": args.gap_ms, "repeats": repeats, "staging_budget_bytes": budget,
+        "tokens": tokens, "layer_bytes": layer_bytes, "kv_bytes": kv_bytes, "gap_ms": args.gap_ms,
+        "repeats": repeats,
     }
     progress(f"{shape.model_name} KV, {tokens} tokens: {fmt_bytes(layer_bytes, 0)} per layer, "
-             f"{fmt_bytes(kv_bytes, 0)} in all; t_c {args.compute_ms:g} ms; latencies {latencies} ms")
+             f"{fmt_bytes(kv_bytes, 0)} in all; rows: {', '.join(c.name for c in cases)}")
     engines: dict[str, Any] = {}
     stock_reason: str | None = None
+    out_cases: list[dict] = []
     with Testbed(0.0) as bed:
         try:
             bucket = bed.create_bucket(unique_bucket())
             prompt = make_prompt(shape, tokens)
             reference = [t.clone() for t in prompt.kvcaches]
+            # The link first (the budget the planner recommends depends on it): any object
+            # of the prompt's size measures it, before any engine exists.
+            progress("measuring the link: plain boto3 ranged GETs, no injected latency")
+            probes = _put_probe_objects(bed, bucket, "probe", shape.num_layers, layer_bytes)
+            bw, _ = measure_bandwidth(bed, bucket, probes, 8 * MIB, 64)
+            result["bw_mib_s"] = round(bw / MIB, 1)
+            budget_layers = args.budget_layers or default_budget_layers(cases, shape, tokens, bw)
+            budget = int(budget_layers * layer_bytes)
+            result["staging_budget_bytes"] = budget
+            # The pool holds a store's copy of the whole prompt plus the staging budget (LMCache
+            # allocates every layer of a store up front); the plugin caps its budget at 3/4 of it.
+            pool_gb = math.ceil((2 * kv_bytes + 2 * budget) / (128 * MIB)) / 8
             common = dict(max_local_cpu_gb=pool_gb, staging_budget_bytes=budget)
             if "ours" in variants or "depth1" in variants:
                 progress("storing the prompt layerwise through LMCache + our plugin")
@@ -837,53 +934,60 @@ def run_pipeline_benchmark(args: argparse.Namespace) -> dict:
                 engines["local_cpu"] = build_engine(local_cpu_engine_values(max_local_cpu_gb=pool_gb), shape)
                 store_layerwise(engines["local_cpu"], prompt)
 
-            progress("measuring the link: plain boto3 ranged GETs, no injected latency")
-            bw, _ = measure_bandwidth(bed, bucket, "bench", 8 * MIB, 64)
-            result["bw_mib_s"] = round(bw / MIB, 1)
-
-            def one(variant: str) -> dict:
+            def one(variant: str, compute_s: float) -> dict:
                 eng = engines[variant]
-                if variant == "lmcache_s3":
-                    return _stock_run(bed, eng, prompt, compute_s, gap_s, shape)
-                if variant == "local_cpu":
-                    return _local_run(eng, prompt, compute_s, gap_s, shape)
-                return _plugin_run(bed, eng, prompt, compute_s, gap_s)
-
-            # Warm-up at zero latency (index, connection pools, first-call costs), checking
-            # that every variant really loads the right KV.
-            for v in list(engines):
                 clear_prompt_kv(prompt)
-                run = one(v)
-                if run["tl"].retrieved_tokens != tokens or not _kv_matches(prompt, reference):
-                    msg = f"retrieved {run['tl'].retrieved_tokens} of {tokens} tokens, KV " \
-                          f"{'matches' if _kv_matches(prompt, reference) else 'DIFFERS'}"
+                if variant == "lmcache_s3":
+                    run = _stock_run(bed, eng, prompt, compute_s, gap_s, shape)
+                elif variant == "local_cpu":
+                    run = _local_run(eng, prompt, compute_s, gap_s, shape)
+                else:
+                    run = _plugin_run(bed, eng, prompt, compute_s, gap_s)
+                run["kv_equal"] = run["tl"].retrieved_tokens == tokens and _kv_matches(prompt, reference)
+                return run
+
+            # Warm-up with no injected latency (index, connection pools, first-call costs),
+            # checking that every variant really loads the right KV.
+            for v in list(engines):
+                run = one(v, 0.0)
+                if not run["kv_equal"]:
+                    msg = f"retrieved {run['tl'].retrieved_tokens} of {tokens} tokens, KV differs or is short"
                     if v != "lmcache_s3":
                         raise RuntimeError(f"{v}: warm-up retrieval is wrong: {msg}")
                     stock_reason = f"warm-up retrieval is wrong: {msg}"
                     engines.pop(v)
                     progress(f"LMCache's s3 connector is unusable here: {stock_reason}")
-            result["kv_verified"] = True
+            raw_client = bed.boto_client(max_pool_connections=64)
+            raw_ranges = split_ranges([(k, 0, n) for k, n in layer_objects(raw_client, bucket, "bench")], 8 * MIB)
 
-            cases = []
-            for lat in latencies:
-                bed.set_delay(lat)
-                bound_ms = max(shape.num_layers * args.compute_ms, lat + kv_bytes / bw * 1000.0)
+            for case in cases:
+                cap_bps = case.cap_mib_s * MIB if case.cap_mib_s else None
+                bed.set_conditions(case.latency_ms, case.jitter_ms, cap_bps)
+                link = min(bw, cap_bps or math.inf)
+                bound = bound_ms(case, shape, kv_bytes, link)
+                compute_s = case.compute_ms / 1000.0
                 runs: dict[str, list[dict]] = {v: [] for v in engines}
+                raw_s: list[float] = []
                 for rep in range(repeats):
+                    progress(f"{case.name} ({case.label}), run {rep + 1}/{repeats}: raw GETs, {', '.join(engines)}")
+                    # The same bytes as plain boto3 ranged GETs, as many in parallel as the
+                    # plugin may have (its max_connections): the reference for link speed.
+                    raw_s.append(ranged_get_seconds(raw_client, bucket, raw_ranges, min(64, len(raw_ranges))))
                     for v in engines:  # interleaved, so machine noise spreads over all variants
-                        progress(f"latency {lat:g} ms, run {rep + 1}/{repeats}: {v}")
-                        runs[v].append(one(v))
-                case: dict[str, Any] = {"latency_ms": lat, "bound_ms": round(bound_ms, 2),
-                                        "compute_total_ms": shape.num_layers * args.compute_ms,
-                                        "transfer_ms": round(lat + kv_bytes / bw * 1000.0, 2)}
+                        runs[v].append(one(v, compute_s))
+                row: dict[str, Any] = {**case.to_json(), "link_mib_s": round(link / MIB, 1),
+                                       "bound_ms": round(bound, 2),
+                                       "compute_total_ms": shape.num_layers * case.compute_ms,
+                                       "transfer_ms": round(case.latency_ms + kv_bytes / link * 1000.0, 2),
+                                       "raw_get_ms": round(sorted(raw_s)[len(raw_s) // 2] * 1000.0, 2)}
                 for v in variants:
                     if v in runs:
-                        case[v] = _summarize(runs[v], bound_ms)
+                        row[v] = _summarize(runs[v], bound)
                     elif v == "lmcache_s3":
-                        case[v] = {"unavailable": True, "reason": stock_reason}
-                case["goals"] = _goals(case, budget)
-                cases.append(case)
-            bed.set_delay(0.0)
+                        row[v] = {"unavailable": True, "reason": stock_reason}
+                row["goals"] = _goals(row, budget)
+                out_cases.append(row)
+            bed.set_conditions(0.0)
         finally:
             for name, eng in engines.items():
                 if name == "lmcache_s3":
@@ -899,55 +1003,97 @@ def run_pipeline_benchmark(args: argparse.Namespace) -> dict:
                     continue
                 with contextlib.suppress(Exception):
                     destroy_engine(eng)
-    result["cases"] = cases
+    result["cases"] = out_cases
+    result["kv_verified"] = all(r[v]["kv_equal"] for r in out_cases for v in VARIANTS
+                                if v in r and not r[v].get("unavailable"))
+    result.update(headline(out_cases))
     return result
 
 
+def _put_probe_objects(bed: Testbed, bucket: str, prefix: str, layers: int, layer_bytes: int) -> list[tuple[str, int]]:
+    """Layer-sized objects to measure the link with (not part of any cache): (key, size)."""
+    client = bed.boto_client(direct=True)
+    blob = os.urandom(layer_bytes)
+    keys = [f"{prefix}/layer-{l:04d}" for l in range(layers)]
+    for key in keys:
+        client.put_object(Bucket=bucket, Key=key, Body=blob)
+    return [(key, layer_bytes) for key in keys]
+
+
+def headline(cases: Sequence[dict]) -> dict:
+    """The numbers a reader (and ``--quick --json``) looks for first, in ms."""
+    out: dict[str, Any] = {}
+    by_name = {c["name"]: c for c in cases}
+    ttft = lambda c, v: (c.get(v) or {}).get("ttft_ms")  # noqa: E731 - None when not run or unavailable
+    if "bandwidth_bound" in by_name:
+        c = by_name["bandwidth_bound"]
+        out["bandwidth_bound"] = {"ours": ttft(c, "ours"), "lmcache_s3": ttft(c, "lmcache_s3"),
+                                  "bound_ms": c["bound_ms"], "label": c["label"]}
+    if "compute_bound" in by_name:
+        c = by_name["compute_bound"]
+        out["compute_bound"] = {"ours": ttft(c, "ours"), "local_cpu": ttft(c, "local_cpu"),
+                                "bound_ms": c["bound_ms"], "label": c["label"]}
+    return out
+
+
 def _goals(case: dict, budget: int) -> dict:
-    ours, d1, local = case.get("ours"), case.get("depth1"), case.get("local_cpu")
+    """The issue's targets for this row, as measured ratios (reported, never asserted)."""
+    ours, d1, local, stock = case.get("ours"), case.get("depth1"), case.get("local_cpu"), case.get("lmcache_s3")
     if not ours:
         return {}
-    g = {
-        "ours_exposed_within_latency_plus_5pct_bound":
-            ours["exposed_ms"] <= case["latency_ms"] + 0.05 * case["bound_ms"],
+    g: dict[str, Any] = {
+        "ours_over_bound": round(ours["ttft_ms"] / case["bound_ms"], 3),
         "ours_peak_staging_within_budget": ours["peak_staging_bytes"] <= budget,
+        # the plugin's transfer (first admission to last verified layer) over plain GETs of
+        # the same bytes at the same concurrency under the same conditions
+        "ours_fetch_over_raw_gets": round(ours["fetch_ms"] / max(case["raw_get_ms"], 1e-9), 3),
     }
+    if stock and not stock.get("unavailable"):
+        g["ours_over_lmcache_s3"] = round(ours["ttft_ms"] / stock["ttft_ms"], 3)
     if d1:
         # exposed time can be ~0 or below (sleep granularity) at zero latency: guard the ratio
         g["depth1_over_ours_exposed"] = round(d1["exposed_ms"] / max(ours["exposed_ms"], 1.0), 2)
-        g["depth1_over_ours_at_least_10"] = g["depth1_over_ours_exposed"] >= 10
     if local:
         # On this CPU-only machine every layerwise load pays a per-layer hand-off (LMCache's
         # retrieve_layer step plus the paged-cache copy, which a GPU does on its own stream)
-        # that the bound leaves out; LocalCPU pays it too, with no S3 at all. What S3 adds is
-        # TTFT over that floor.
+        # that the bound leaves out; LocalCPU pays it too, with no S3 at all.
+        g["ours_over_local_cpu"] = round(ours["ttft_ms"] / max(local["ttft_ms"], 1e-9), 3)
         g["ours_over_local_cpu_ms"] = round(ours["ttft_ms"] - local["ttft_ms"], 2)
-        g["ours_ttft_over_local_cpu"] = round(ours["ttft_ms"] / max(local["ttft_ms"], 1e-9), 3)
-        g["ours_over_local_within_latency_plus_5pct_bound"] = (
-            g["ours_over_local_cpu_ms"] <= case["latency_ms"] + 0.05 * case["bound_ms"])
+    if case["name"] in BANDWIDTH_BOUND:
+        g["target_met"] = (g["ours_over_bound"] <= 1.2
+                           and g.get("ours_over_lmcache_s3", 0.0) <= 0.9)
+    elif case["name"] in COMPUTE_BOUND:
+        g["target_met"] = g.get("ours_over_local_cpu", math.inf) <= 1.05
     return g
 
 
 def pipeline_table(result: dict) -> str:
     lines = [
         f"{result['model_kv_shape']['model']} KV, {result['tokens']} tokens "
-        f"({fmt_bytes(result['kv_bytes'], 0)}), t_c {result['compute_ms']:g} ms/layer, link "
-        f"{result['bw_mib_s']:g} MiB/s, staging budget {fmt_bytes(result['staging_budget_bytes'], 0)}",
+        f"({fmt_bytes(result['kv_bytes'], 0)}), link {result['bw_mib_s']:g} MiB/s (loopback, raw boto3), "
+        f"staging budget {fmt_bytes(result['staging_budget_bytes'], 0)}, medians of {result['repeats']}",
         "",
-        "| latency | variant | TTFT ms | bound ms | exposed ms | GETs | bytes | peak staging |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| row | variant | TTFT ms | bound ms | / bound | fetch ms (raw GETs ms) | GETs | peak staging | KV |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for c in result["cases"]:
         for v in VARIANTS:
             r = c.get(v)
             if r is None:
                 continue
+            row = f"| {c['name']}: {c['label']} | {v} |"
             if r.get("unavailable"):
-                lines.append(f"| {c['latency_ms']:g} ms | {v} | n/a: {r['reason']} | | | | | |")
+                lines.append(f"{row} n/a: {r['reason']} | | | | | | |")
                 continue
-            lines.append(f"| {c['latency_ms']:g} ms | {v} | {r['ttft_ms']:.0f} | {c['bound_ms']:.0f} | "
-                         f"{r['exposed_ms']:.0f} | {r['gets']} | {fmt_bytes(r['bytes'], 0)} | "
-                         f"{fmt_bytes(r['peak_staging_bytes'], 0)} |")
+            fetch = f"{r['fetch_ms']:.0f}" + (f" ({c['raw_get_ms']:.0f})" if v == "ours" else "") \
+                if "fetch_ms" in r else ""
+            lines.append(f"{row} {r['ttft_ms']:.0f} | {c['bound_ms']:.0f} | {r['ttft_ms'] / c['bound_ms']:.2f} | "
+                         f"{fetch} | {r['gets']} | {fmt_bytes(r['peak_staging_bytes'], 0)} | "
+                         f"{'equal' if r['kv_equal'] else 'DIFFERS'} |")
+    lines.append("")
+    for c in result["cases"]:
+        g = {k: v for k, v in c["goals"].items() if k != "ours_peak_staging_within_budget"}
+        lines.append(f"- {c['name']}: " + ", ".join(f"{k} {v}" for k, v in g.items()))
     return "\n".join(lines)
 
 
@@ -976,8 +1122,8 @@ def plot_timeline(result: dict, case: dict, path: Path) -> Path:
         ax.tick_params(labelsize=7)
     axes[0, 0].legend(fontsize=7, loc="lower right")
     axes[-1, 0].set_xlabel("ms since lookup", fontsize=8)
-    fig.suptitle(f"latency {case['latency_ms']:g} ms, t_c {result['compute_ms']:g} ms, "
-                 f"{result['tokens']} tokens x {result['model_kv_shape']['layers']} layers", fontsize=9)
+    fig.suptitle(f"{case['name']}: {case['label']}, {result['tokens']} tokens x "
+                 f"{result['model_kv_shape']['layers']} layers", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -999,18 +1145,11 @@ def run_pipeline(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir) if args.out_dir else (
         Path(tempfile.mkdtemp(prefix="s3layer-bench-out-")) if args.quick else repo_root() / "benchmarks" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = f"tc{result['compute_ms']:g}ms"
     for case in result["cases"]:
-        png = plot_timeline(result, case, out_dir / f"pipeline_{case['latency_ms']:g}ms_{tag}.png")
-        case["png"] = str(png)
+        case["png"] = str(plot_timeline(result, case, out_dir / f"pipeline_{case['name']}.png"))
     table = pipeline_table(result)
-    (out_dir / f"pipeline_{tag}.md").write_text(table + "\n")
-    (out_dir / f"pipeline_{tag}.json").write_text(json.dumps(result, indent=1) + "\n")
-    if len(result["cases"]) == 1:
-        # one latency: its fields at the top level, the shape the quick check reads
-        flat = {k: v for k, v in result.items() if k != "cases"}
-        flat.update(result["cases"][0])
-        result = flat
+    (out_dir / "pipeline.md").write_text(table + "\n")
+    (out_dir / "pipeline.json").write_text(json.dumps(result, indent=1) + "\n")
     print(table, file=sys.stderr if args.json else sys.stdout, flush=True)
     if args.json:
         print(json.dumps(result))
@@ -1028,7 +1167,8 @@ def run_pipeline(args: argparse.Namespace) -> int:
 def pipeline_main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks/pipeline.py", description=(
         "TTFT of a cached prefix loaded from S3 through LMCache's real retrieve_layer, one next() per "
-        "layer with a simulated compute time: ours vs depth 1 vs LMCache's s3:// connector vs the bound"))
+        "layer with a simulated compute time, over a matrix of latency, jitter and link caps: ours vs "
+        "depth 1 vs LMCache's s3:// connector vs LocalCPU vs the bound"))
     add_pipeline_arguments(p)
     return run_pipeline(p.parse_args(argv))
 
@@ -1048,6 +1188,8 @@ def add_throughput_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--region", default=os.environ.get("AWS_REGION", "us-east-1"))
     p.add_argument("--latency-ms", type=float, default=0.0,
                    help="local server only: read through the latency proxy with this first-byte delay")
+    p.add_argument("--jitter-ms", type=float, default=0.0, help="local server: +- uniform jitter on the latency")
+    p.add_argument("--cap-mib-s", type=float, default=None, help="local server: aggregate download cap")
     p.add_argument("--layers", type=int, default=None, help="layer objects (default 16 quick, 32)")
     p.add_argument("--tokens", type=int, default=None,
                    help="tokens per layer object, 4 KiB each (default 1024 quick = 4 MiB, 4096 = 16 MiB)")
@@ -1138,13 +1280,18 @@ def run_throughput_benchmark(args: argparse.Namespace) -> dict:
             access, secret, region = args.access_key, args.secret_key, args.region
             result["server"] = "given endpoint"
         else:
-            bed = stack.enter_context(Testbed(args.latency_ms))
-            endpoint = bed.endpoint_url if args.latency_ms > 0 else bed.direct_endpoint_url
+            bed = stack.enter_context(Testbed())
+            shaped = args.latency_ms > 0 or args.jitter_ms > 0 or args.cap_mib_s
+            bed.set_conditions(args.latency_ms, args.jitter_ms, args.cap_mib_s * MIB if args.cap_mib_s else None)
+            endpoint = bed.endpoint_url if shaped else bed.direct_endpoint_url
             bucket = bed.create_bucket(unique_bucket())
             access, secret, region = bed.access_key, bed.secret_key, bed.region
-            behind = f" behind a {args.latency_ms:g} ms proxy" if args.latency_ms else ""
+            behind = (f" behind a {args.latency_ms:g} ± {args.jitter_ms:g} ms proxy"
+                      + (f" capped at {args.cap_mib_s:g} MiB/s" if args.cap_mib_s else "")) if shaped else ""
             result["server"] = "local SeaweedFS" + behind
         result["latency_ms"] = args.latency_ms
+        result["jitter_ms"] = args.jitter_ms
+        result["cap_mib_s"] = args.cap_mib_s
         cfg = S3LayerConfig(bucket=bucket, prefix=f"s3tp-{uuid.uuid4().hex[:8]}", endpoint_url=endpoint,
                             access_key_id=access, secret_access_key=secret, region=region,
                             max_connections=conc, part_size_bytes=part, require_hash_seed=False)

@@ -37,7 +37,7 @@ import threading
 import time
 from typing import Deque, Optional, Set
 
-__all__ = ["LatencyProxy", "main"]
+__all__ = ["LatencyProxy", "TokenBucket", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ _NEVER = 1 << 62
 _CONTENT_LENGTH_RE = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
 
 
-class _TokenBucket:
+class TokenBucket:
     """Rate limiter where a caller reserves bytes up front and sleeps off the debt.
 
     Reservation is synchronous (the event loop is single-threaded), so several connections
@@ -69,18 +69,24 @@ class _TokenBucket:
     overshoot is self-correcting because refill is computed from real elapsed time.
     """
 
-    __slots__ = ("rate", "tokens", "stamp")
+    __slots__ = ("rate", "tokens", "stamp", "_lock")
 
     def __init__(self) -> None:
         self.rate: Optional[float] = None
         self.tokens = 0.0
         self.stamp = 0.0
+        # A host-wide cap is one bucket shared by several proxies, each with its own loop thread.
+        self._lock = threading.Lock()
 
     def reserve(self, n: int, rate: Optional[float], now: float) -> float:
         """Take n bytes at ``rate`` bytes/s; return seconds to wait before sending them."""
         if not rate:
             self.rate = None
             return 0.0
+        with self._lock:
+            return self._reserve_locked(n, rate, now)
+
+    def _reserve_locked(self, n: int, rate: float, now: float) -> float:
         burst = min(max(rate * _BURST_S, _MIN_BURST), _MAX_BURST)
         if self.rate is None:
             self.tokens = burst
@@ -104,7 +110,7 @@ class _Conn:
         self.cwriter = cwriter
         self.ureader: Optional[asyncio.StreamReader] = None
         self.uwriter: Optional[asyncio.StreamWriter] = None
-        self.bucket = _TokenBucket()
+        self.bucket = TokenBucket()
         self.request_pending = False
         self.fault: Optional[str] = None  # "reset" | "truncate" while armed on this conn
         self.fault_after = 0
@@ -126,7 +132,8 @@ class LatencyProxy:
       ``delay_ms`` +- uniform ``jitter_ms`` (clamped at 0, drawn from ``random.Random(seed)``).
       A response starts with the first upstream chunk after the client sent any bytes.
     * Bandwidth: ``conn_bandwidth_bps`` caps each connection and ``total_bandwidth_bps``
-      all connections together, upstream->client only, in bytes/s; None = unlimited.
+      all connections together, upstream->client only, in bytes/s; None = unlimited. Pass
+      one ``total_bucket`` to several proxies to cap their sum (one host's link).
     * Faults: :meth:`reset_next` / :meth:`truncate_next` cut future responses mid-body.
 
     All setters are thread-safe and take effect on the next chunk while running.
@@ -143,6 +150,7 @@ class LatencyProxy:
         conn_bandwidth_bps: Optional[float] = None,
         total_bandwidth_bps: Optional[float] = None,
         seed: int = 0,
+        total_bucket: Optional[TokenBucket] = None,
     ) -> None:
         self.upstream_host = upstream_host
         self.upstream_port = int(upstream_port)
@@ -168,7 +176,8 @@ class LatencyProxy:
         self.faults_injected = 0
         self.upstream_errors = 0
 
-        self._total_bucket = _TokenBucket()
+        # Pass one bucket to several proxies to cap their sum: a per-host link, not per port.
+        self._total_bucket = total_bucket if total_bucket is not None else TokenBucket()
         self._thread: Optional[threading.Thread] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stop_event: Optional[asyncio.Event] = None
